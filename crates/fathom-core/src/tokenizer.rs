@@ -1,0 +1,262 @@
+//! `tokenizer.json` (through the `tokenizers` crate) and the `chat_template` of
+//! `tokenizer_config.json` (through minijinja with Python-compatible string methods, which DeepSeek's
+//! templates need: `.split(...)`, `.startswith(...)`, `namespace`, `[-1]`).
+//!
+//! Rendering follows transformers' `apply_chat_template`: `trim_blocks` and `lstrip_blocks` on, with
+//! `bos_token`, `eos_token`, `messages`, `tools` and `add_generation_prompt` in scope.
+
+use crate::error::{FathomError, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| -> String {
+            // Templates use it for "today's date"; keep rendering deterministic and offline-safe.
+            let _ = fmt;
+            String::new()
+        });
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| FathomError::Template(format!("cannot parse chat_template: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
+    }
+
+    /// Render a conversation (OpenAI-style message objects) to the prompt string.
+    pub fn render(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| FathomError::Template(e.to_string()))?;
+        let ctx = minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            tools => tools.map(minijinja::Value::from_serialize),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+        };
+        tmpl.render(ctx).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            FathomError::Template(msg)
+        })
+    }
+}
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_id: Option<u32>,
+    /// Every id that ends generation: the tokenizer's eos plus the config's `eos_token_id`s.
+    pub eos_ids: Vec<u32>,
+    /// Whether plain-text prompts get bos prepended (`add_bos_token`).
+    pub add_bos: bool,
+    pub chat_template: Option<ChatTemplate>,
+    pub file: PathBuf,
+}
+
+/// `"<s>"` or `{"__type": "AddedToken", "content": "<s>", ...}` → `"<s>"`.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Load `DIR/tokenizer.json` and, when present, `DIR/tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let file = dir.join("tokenizer.json");
+        if !file.is_file() {
+            return Err(FathomError::Tokenizer {
+                file,
+                msg: "not found".into(),
+            });
+        }
+        let inner =
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| FathomError::Tokenizer {
+                file: file.clone(),
+                msg: format!("cannot load: {e}"),
+            })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.is_file() {
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| FathomError::io(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|e| FathomError::Tokenizer {
+                file: cfg_path.clone(),
+                msg: e.to_string(),
+            })?
+        } else {
+            Value::Null
+        };
+        let bos_token = token_string(cfg.get("bos_token"));
+        let eos_token = token_string(cfg.get("eos_token"));
+        let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut eos_ids: Vec<u32> = eos_token
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t))
+            .into_iter()
+            .collect();
+        // generation_config.json may list more stop ids (Llama 3: <|eot_id|>).
+        let gen_path = dir.join("generation_config.json");
+        if let Ok(text) = std::fs::read_to_string(&gen_path) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                match v.get("eos_token_id") {
+                    Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
+                    Some(Value::Array(a)) => {
+                        eos_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| {
+                    t.get("template")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_string)
+                }),
+            _ => None,
+        };
+        // Newer checkpoints ship the template as a separate file.
+        let chat_template =
+            chat_template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let chat_template = match chat_template {
+            Some(src) => Some(
+                ChatTemplate::new(
+                    &src,
+                    bos_token.as_deref().unwrap_or(""),
+                    eos_token.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| FathomError::Tokenizer {
+                    file: cfg_path.clone(),
+                    msg: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        let add_bos = cfg
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        eos_ids.dedup();
+        Ok(TextTokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            bos_id,
+            eos_ids,
+            add_bos,
+            chat_template,
+            file,
+        })
+    }
+
+    pub fn add_eos_ids(&mut self, ids: &[u32]) {
+        for &i in ids {
+            if !self.eos_ids.contains(&i) {
+                self.eos_ids.push(i);
+            }
+        }
+    }
+
+    /// Encode text. Special tokens written in the text (`<｜User｜>`, `<think>`) are recognised, as
+    /// transformers does for a rendered chat template. `add_bos` prepends bos when configured.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| FathomError::Tokenizer {
+                file: self.file.clone(),
+                msg: format!("encode: {e}"),
+            })?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos && self.add_bos {
+            if let Some(b) = self.bos_id {
+                if enc.get_ids().first() != Some(&b) {
+                    ids.push(b);
+                }
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| FathomError::Tokenizer {
+                file: self.file.clone(),
+                msg: format!("decode: {e}"),
+            })
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Render a conversation with the chat template and encode it.
+    pub fn apply_chat_template(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<u32>)> {
+        let tmpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| FathomError::Tokenizer {
+                file: self.file.with_file_name("tokenizer_config.json"),
+                msg: "no chat_template: this model has no chat format (use a plain prompt)".into(),
+            })?;
+        let text = tmpl.render(messages, tools, add_generation_prompt)?;
+        // The template writes bos itself; do not add another.
+        let ids = self.encode(&text, false)?;
+        Ok((text, ids))
+    }
+}

@@ -1,0 +1,142 @@
+//! Scaled dot-product attention with a causal mask, and the grouped-query attention block of
+//! Qwen2/Llama (q/k/v projections, optional qkv bias, half-split rope, shared KV heads).
+
+use crate::cache::LayerCache;
+use crate::ops::{linear, softmax_last};
+use crate::rope::Rope;
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use fathom_core::ModelConfig;
+
+/// softmax(q kᵀ · scale + causal mask) v for q [b, h, s, d] at positions offset.., k/v [b, h, t, *].
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    let (_, _, s, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = if s > 1 {
+        // Query i sits at position offset + i and may see keys 0..=offset + i.
+        let mask: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (s, t), q.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    softmax_last(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// [b, kv_heads, t, d] → [b, kv_heads·rep, t, d], each kv head serving `rep` query heads.
+pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, rep, t, d))?
+        .contiguous()?
+        .reshape((b, h * rep, t, d))
+}
+
+#[derive(Debug, Clone)]
+pub struct GqaAttention {
+    q_proj: (Tensor, Option<Tensor>),
+    k_proj: (Tensor, Option<Tensor>),
+    v_proj: (Tensor, Option<Tensor>),
+    o_proj: (Tensor, Option<Tensor>),
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn proj(
+    vb: &VarBuilder,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let w = vb.pp(name).get_with_hints(
+        (out, inp),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let b = if bias {
+        Some(
+            vb.pp(name)
+                .get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?,
+        )
+    } else {
+        None
+    };
+    Ok((w, b))
+}
+
+impl GqaAttention {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, kvh, d, hid) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.hidden_size,
+        );
+        Ok(GqaAttention {
+            q_proj: proj(&vb, "q_proj", h * d, hid, cfg.qkv_bias)?,
+            k_proj: proj(&vb, "k_proj", kvh * d, hid, cfg.qkv_bias)?,
+            v_proj: proj(&vb, "v_proj", kvh * d, hid, cfg.qkv_bias)?,
+            o_proj: proj(&vb, "o_proj", hid, h * d, cfg.o_bias)?,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let shape = |t: Tensor, h: usize| t.reshape((b, s, h, self.head_dim))?.transpose(1, 2);
+        let q = shape(
+            linear(x, &self.q_proj.0, self.q_proj.1.as_ref())?,
+            self.heads,
+        )?;
+        let k = shape(
+            linear(x, &self.k_proj.0, self.k_proj.1.as_ref())?,
+            self.kv_heads,
+        )?;
+        let v = shape(
+            linear(x, &self.v_proj.0, self.v_proj.1.as_ref())?,
+            self.kv_heads,
+        )?;
+        let q = rope.apply(&q.contiguous()?, offset)?;
+        let k = rope.apply(&k.contiguous()?, offset)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v.contiguous()?)?,
+            None => (k, v),
+        };
+        let rep = self.heads / self.kv_heads;
+        let out = attend(
+            &q,
+            &repeat_kv(&k, rep)?,
+            &repeat_kv(&v, rep)?,
+            1.0 / (self.head_dim as f64).sqrt(),
+            offset,
+        )?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * self.head_dim))?;
+        linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())
+    }
+}

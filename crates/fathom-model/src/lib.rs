@@ -1,0 +1,24 @@
+//! fathom-model: the architectures, one file per concept, one definition for training and inference.
+//!
+//! - [`norm`] RMSNorm · [`rope`] rotary embedding with YaRN / Llama 3 scaling
+//! - [`mla`] Multi-head Latent Attention · [`attention`] SDPA and GQA (Qwen2/Llama)
+//! - [`mlp`] SwiGLU MLP · [`moe`] DeepSeekMoE gate (`route_tokens`) and experts
+//! - [`mtp`] Multi-Token Prediction module · [`decoder`] decoder block · [`model`] the causal LM
+//! - [`cache`] plain KV cache · [`ops`] differentiable softmax/sigmoid/linear/cross-entropy
+//!
+//! Every op is composed from candle primitives that have a backward pass (see `tests/gradients.rs`).
+
+pub mod attention;
+pub mod cache;
+pub mod decoder;
+pub mod mla;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod mtp;
+pub mod norm;
+pub mod ops;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use model::{param_counts, CausalLm, ForwardOutput};

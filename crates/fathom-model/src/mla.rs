@@ -1,0 +1,160 @@
+//! Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+//!
+//! q = W_UQ·RMSNorm(W_DQ·x)  (or q = W_Q·x without q-LoRA), split per head into [q_nope, q_pe];
+//! [c_kv, k_pe] = W_DKV·x;  c_kv ← RMSNorm(c_kv);  [k_nope, v] = W_UKV·c_kv per head;
+//! q_pe, k_pe roped (interleaved pairs), k_pe shared by all heads;
+//! score = (q_nope·k_nope + q_pe·k_pe) · softmax_scale,  softmax_scale = d_qk^-½ · m² under YaRN.
+//! This is the plain (expanded) form; it caches full k and v per head.
+
+use crate::attention::attend;
+use crate::cache::LayerCache;
+use crate::norm::RmsNorm;
+use crate::ops::linear;
+use crate::rope::{yarn_mscale, Rope};
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
+use fathom_core::{MlaConfig, ModelConfig, RopeScaling};
+
+#[derive(Debug, Clone)]
+pub enum QueryProj {
+    /// V2-Lite: one projection.
+    Full { q_proj: Tensor },
+    /// V2/V3: low-rank down-projection, norm, up-projection.
+    LowRank {
+        q_a_proj: Tensor,
+        q_a_layernorm: RmsNorm,
+        q_b_proj: Tensor,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Mla {
+    pub q: QueryProj,
+    pub kv_a_proj_with_mqa: Tensor,
+    pub kv_a_layernorm: RmsNorm,
+    pub kv_b_proj: Tensor,
+    pub o_proj: Tensor,
+    pub dims: MlaConfig,
+    pub heads: usize,
+    pub softmax_scale: f64,
+}
+
+/// d_qk^-½, times m² = (0.1·mscale_all_dim·ln(factor) + 1)² under YaRN (V2 §2.1.3; official code).
+pub fn mla_softmax_scale(cfg: &ModelConfig) -> f64 {
+    let m = cfg.mla.as_ref().expect("MLA config");
+    let base = 1.0 / (m.qk_head_dim() as f64).sqrt();
+    match &cfg.rope_scaling {
+        Some(RopeScaling::Yarn {
+            factor,
+            mscale_all_dim,
+            ..
+        }) if *mscale_all_dim != 0.0 => {
+            let ms = yarn_mscale(*factor, *mscale_all_dim);
+            base * ms * ms
+        }
+        _ => base,
+    }
+}
+
+impl Mla {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let m = cfg.mla.clone().expect("MLA config");
+        let (hid, h) = (cfg.hidden_size, cfg.num_attention_heads);
+        let w = |name: &str, out: usize, inp: usize| {
+            vb.pp(name).get_with_hints(
+                (out, inp),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )
+        };
+        let q = match m.q_lora_rank {
+            None => QueryProj::Full {
+                q_proj: w("q_proj", h * m.qk_head_dim(), hid)?,
+            },
+            Some(r) => QueryProj::LowRank {
+                q_a_proj: w("q_a_proj", r, hid)?,
+                q_a_layernorm: RmsNorm::load(vb.pp("q_a_layernorm"), r, 1e-6)?,
+                q_b_proj: w("q_b_proj", h * m.qk_head_dim(), r)?,
+            },
+        };
+        Ok(Mla {
+            q,
+            kv_a_proj_with_mqa: w(
+                "kv_a_proj_with_mqa",
+                m.kv_lora_rank + m.qk_rope_head_dim,
+                hid,
+            )?,
+            kv_a_layernorm: RmsNorm::load(vb.pp("kv_a_layernorm"), m.kv_lora_rank, 1e-6)?,
+            kv_b_proj: w(
+                "kv_b_proj",
+                h * (m.qk_nope_head_dim + m.v_head_dim),
+                m.kv_lora_rank,
+            )?,
+            o_proj: w("o_proj", hid, h * m.v_head_dim)?,
+            softmax_scale: mla_softmax_scale(cfg),
+            dims: m,
+            heads: h,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let m = &self.dims;
+        let h = self.heads;
+        let q = match &self.q {
+            QueryProj::Full { q_proj } => linear(x, q_proj, None)?,
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => linear(
+                &q_a_layernorm.forward(&linear(x, q_a_proj, None)?)?,
+                q_b_proj,
+                None,
+            )?,
+        };
+        let q = q.reshape((b, s, h, m.qk_head_dim()))?.transpose(1, 2)?; // [b, h, s, d_qk]
+        let q_nope = q.narrow(D::Minus1, 0, m.qk_nope_head_dim)?;
+        let q_pe = rope.apply(
+            &q.narrow(D::Minus1, m.qk_nope_head_dim, m.qk_rope_head_dim)?
+                .contiguous()?,
+            offset,
+        )?;
+
+        let ckv = linear(x, &self.kv_a_proj_with_mqa, None)?; // [b, s, r_kv + d_rope]
+        let c_kv = self
+            .kv_a_layernorm
+            .forward(&ckv.narrow(D::Minus1, 0, m.kv_lora_rank)?)?;
+        let k_pe = ckv
+            .narrow(D::Minus1, m.kv_lora_rank, m.qk_rope_head_dim)?
+            .reshape((b, 1, s, m.qk_rope_head_dim))?;
+        let k_pe = rope.apply(&k_pe.contiguous()?, offset)?;
+
+        let kv = linear(&c_kv, &self.kv_b_proj, None)?
+            .reshape((b, s, h, m.qk_nope_head_dim + m.v_head_dim))?
+            .transpose(1, 2)?; // [b, h, s, d_nope + d_v]
+        let k_nope = kv.narrow(D::Minus1, 0, m.qk_nope_head_dim)?;
+        let v = kv
+            .narrow(D::Minus1, m.qk_nope_head_dim, m.v_head_dim)?
+            .contiguous()?;
+        let k = Tensor::cat(
+            &[&k_nope, &k_pe.broadcast_as((b, h, s, m.qk_rope_head_dim))?],
+            D::Minus1,
+        )?;
+        let q = Tensor::cat(&[&q_nope, &q_pe], D::Minus1)?;
+
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let out = attend(&q, &k, &v, self.softmax_scale, offset)?; // [b, h, s, d_v]
+        let out = out.transpose(1, 2)?.reshape((b, s, h * m.v_head_dim))?;
+        linear(&out, &self.o_proj, None)
+    }
+}

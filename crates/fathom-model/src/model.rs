@@ -1,0 +1,245 @@
+//! The causal language model: embeddings → decoder layers → final norm → lm_head, plus DeepSeek-V3's
+//! MTP modules. One definition for DeepSeek-V3/V2, Qwen2 and Llama, used by training and inference.
+
+use crate::cache::{KvCache, LayerCache};
+use crate::decoder::DecoderLayer;
+use crate::moe::Routing;
+use crate::mtp::MtpModule;
+use crate::norm::RmsNorm;
+use crate::ops::linear;
+use crate::rope::Rope;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use fathom_core::{FathomError, ModelConfig, WeightStore};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// [vocab, hidden]; the embedding matrix itself when tied.
+    pub lm_head: Tensor,
+    pub rope: Rope,
+    pub mtp: Vec<MtpModule>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Output of a forward pass with the extras training and speculative decoding need.
+pub struct ForwardOutput {
+    /// [b, s, hidden] after the final norm.
+    pub hidden: Tensor,
+    /// Routing of every MoE layer, in layer order.
+    pub routings: Vec<(usize, Routing)>,
+}
+
+impl CausalLm {
+    /// Build from a VarBuilder (a checkpoint or fresh variables). MTP modules are built when the
+    /// config asks for them and `with_mtp` says they exist.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder, with_mtp: bool) -> Result<Self> {
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(m.pp("layers").pp(i), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get_with_hints(
+                (cfg.vocab_size, cfg.hidden_size),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?
+        };
+        let mtp = if with_mtp {
+            (0..cfg.num_nextn_predict_layers)
+                .map(|k| {
+                    let idx = cfg.num_hidden_layers + k;
+                    MtpModule::load(m.pp("layers").pp(idx), cfg, idx)
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![]
+        };
+        Ok(CausalLm {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, dtype, &device)?,
+            mtp,
+            device,
+            dtype,
+        })
+    }
+
+    /// Load a Hugging Face checkpoint directory. Weights are converted to `dtype` tensor by tensor;
+    /// FP8 block weights are dequantised. MTP modules load when their tensors are present.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, FathomError> {
+        let cfg = ModelConfig::from_path(dir)?;
+        let mut store = WeightStore::open(dir)?;
+        if let Some(q) = &cfg.quantization {
+            store = store.with_fp8_block(q.weight_block_size);
+        }
+        let has_mtp = cfg.num_nextn_predict_layers > 0
+            && store.contains(&format!(
+                "model.layers.{}.eh_proj.weight",
+                cfg.num_hidden_layers
+            ));
+        let vb = VarBuilder::from_backend(Box::new(store), dtype, device.clone());
+        // Errors from the backend already name the file and tensor; keep the message as is.
+        CausalLm::new(&cfg, vb, has_mtp).map_err(|e| match e {
+            candle_core::Error::Msg(m) => FathomError::Load(m),
+            other => FathomError::Candle(other),
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings for ids [b, s].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))
+    }
+
+    /// Hidden states after the final norm, for ids [b, s] at positions offset..offset+s.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOutput> {
+        let mut x = self.embed(ids)?;
+        let mut routings = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lc: Option<&mut LayerCache> = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (y, r) = layer.forward(&x, &self.rope, offset, lc)?;
+            if let Some(r) = r {
+                routings.push((i, r));
+            }
+            x = y;
+        }
+        Ok(ForwardOutput {
+            hidden: self.norm.forward(&x)?,
+            routings,
+        })
+    }
+
+    /// Logits [b, s, vocab] from normed hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head, None)
+    }
+
+    /// Logits [b, s, vocab] for ids [b, s] (u32) at positions offset..; updates `cache` when given.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let out = self.forward_hidden(ids, offset, cache)?;
+        self.logits(&out.hidden)
+    }
+
+    /// Logits of MTP module 1 over a whole sequence [b, n] (no cache): position i predicts t_{i+2}
+    /// from h_i and t_{i+1}; returns [b, n − 1, vocab].
+    pub fn mtp_logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let Some(module) = self.mtp.first() else {
+            candle_core::bail!("this model has no MTP modules")
+        };
+        let n = ids.dim(1)?;
+        let h = self.forward_hidden(ids, 0, None)?.hidden;
+        let prev = h.narrow(1, 0, n - 1)?;
+        let next = self.embed(&ids.narrow(1, 1, n - 1)?)?;
+        let hk = module.forward(&prev, &next, &self.rope, 0, None)?;
+        self.logits(&hk)
+    }
+
+    /// Parameters: (total, active per token). Active counts the shared experts and only
+    /// `num_experts_per_tok` routed experts per MoE layer; MTP modules are excluded from both.
+    pub fn param_counts(&self) -> (usize, usize) {
+        param_counts(&self.cfg)
+    }
+}
+
+/// Parameter counts from the config alone (main model; MTP excluded), (total, active).
+pub fn param_counts(cfg: &ModelConfig) -> (usize, usize) {
+    let d = cfg.hidden_size;
+    let embed = cfg.vocab_size * d;
+    let head = if cfg.tie_word_embeddings {
+        0
+    } else {
+        cfg.vocab_size * d
+    };
+    let attn = match &cfg.mla {
+        Some(m) => {
+            let h = cfg.num_attention_heads;
+            let q = match m.q_lora_rank {
+                None => d * h * m.qk_head_dim(),
+                Some(r) => d * r + r + r * h * m.qk_head_dim(),
+            };
+            q + d * (m.kv_lora_rank + m.qk_rope_head_dim)
+                + m.kv_lora_rank
+                + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+                + h * m.v_head_dim * d
+        }
+        None => {
+            let (h, kv, hd) = (
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+            );
+            let bias = if cfg.qkv_bias {
+                h * hd + 2 * kv * hd
+            } else {
+                0
+            } + if cfg.o_bias { d } else { 0 };
+            d * h * hd + 2 * d * kv * hd + h * hd * d + bias
+        }
+    };
+    let mlp = |inter: usize| 3 * d * inter;
+    let (mut total, mut active) = (embed + head + d, embed + head + d);
+    for i in 0..cfg.num_hidden_layers {
+        let norms = 2 * d;
+        total += attn + norms;
+        active += attn + norms;
+        match (&cfg.moe, cfg.is_moe_layer(i)) {
+            (Some(m), true) => {
+                let expert = mlp(m.moe_intermediate_size);
+                let shared = m.n_shared_experts * expert;
+                let gate = m.n_routed_experts * d;
+                total += m.n_routed_experts * expert + shared + gate;
+                active += m.num_experts_per_tok * expert + shared + gate;
+            }
+            _ => {
+                total += mlp(cfg.intermediate_size);
+                active += mlp(cfg.intermediate_size);
+            }
+        }
+    }
+    (total, active)
+}

@@ -1,0 +1,64 @@
+//! Multi-Token Prediction module k (V3 §2.2), stored as layer num_hidden_layers + k − 1:
+//! h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k−1}_i)])   (embedding half first, as vLLM and
+//! transformers' MtpLayer run the real weights; the paper writes the hidden state first),
+//! then one decoder block, then `shared_head.norm`; logits come from the shared lm_head.
+//! h^0 is the main model's final (normed) hidden state; h^k (post shared_head.norm) feeds module k+1.
+//! The checkpoint's per-module `embed_tokens` / `shared_head.head` copies equal the main ones and
+//! are shared, not loaded twice.
+
+use crate::cache::LayerCache;
+use crate::decoder::DecoderLayer;
+use crate::norm::RmsNorm;
+use crate::ops::linear;
+use crate::rope::Rope;
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
+use fathom_core::ModelConfig;
+
+#[derive(Debug, Clone)]
+pub struct MtpModule {
+    pub enorm: RmsNorm,
+    pub hnorm: RmsNorm,
+    pub eh_proj: Tensor,
+    pub block: DecoderLayer,
+    pub shared_head_norm: RmsNorm,
+}
+
+impl MtpModule {
+    /// `vb` points at `model.layers.{num_hidden_layers + k - 1}`.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig, layer_idx: usize) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(MtpModule {
+            enorm: RmsNorm::load(vb.pp("enorm"), d, cfg.rms_norm_eps)?,
+            hnorm: RmsNorm::load(vb.pp("hnorm"), d, cfg.rms_norm_eps)?,
+            eh_proj: vb.pp("eh_proj").get_with_hints(
+                (d, 2 * d),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
+            block: DecoderLayer::load(vb.clone(), cfg, layer_idx)?,
+            shared_head_norm: RmsNorm::load(vb.pp("shared_head").pp("norm"), d, cfg.rms_norm_eps)?,
+        })
+    }
+
+    /// prev_hidden [b, s, d] (h^{k−1} at positions offset..), next_embeds [b, s, d] (Emb(t_{i+k})).
+    pub fn forward(
+        &self,
+        prev_hidden: &Tensor,
+        next_embeds: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let cat = Tensor::cat(
+            &[
+                self.enorm.forward(next_embeds)?,
+                self.hnorm.forward(prev_hidden)?,
+            ],
+            D::Minus1,
+        )?;
+        let h = linear(&cat, &self.eh_proj, None)?;
+        let (h, _) = self.block.forward(&h, rope, offset, cache)?;
+        self.shared_head_norm.forward(&h)
+    }
+}
