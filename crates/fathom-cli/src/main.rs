@@ -1,1 +1,475 @@
-fn main() {}
+//! `fathom`: run DeepSeek-family checkpoints from a Hugging Face directory.
+//!
+//! Subcommands: `generate` (stream a completion), `chat` (multi-turn REPL), `forward` (dump logits),
+//! `inspect` (architecture, parameter counts, KV bytes per token). Without `--model`, the embedded
+//! default model at `models/default/` is used.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fathom_core::{ModelConfig, TextTokenizer};
+use fathom_engine::{generate, GenerateOptions, Generation, SamplingParams};
+use fathom_model::{param_counts, CausalLm};
+use serde_json::json;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "fathom",
+    version,
+    about = "The DeepSeek recipe in Rust: run DeepSeek-V3/V2/R1, Qwen2 and Llama checkpoints"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion and stream it to stdout.
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat using the model's chat template (`/reset`, `/exit`).
+    Chat(ChatArgs),
+    /// Write the full-sequence logits ([seq, vocab], f32 tensor `logits`) to a safetensors file.
+    Forward {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Comma-separated input ids, e.g. 1,2,3.
+        #[arg(long, value_parser = parse_ids)]
+        token_ids: TokenIds,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Print the architecture, parameter counts and KV-cache bytes per token.
+    Inspect {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+struct TokenIds(Vec<u32>);
+
+fn parse_ids(s: &str) -> std::result::Result<TokenIds, String> {
+    let ids = s
+        .split(',')
+        .map(|x| x.trim())
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse::<u32>()
+                .map_err(|_| format!("`{x}` is not a token id (expected e.g. 1,2,3)"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Err("no token ids given".into());
+    }
+    Ok(TokenIds(ids))
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f64,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop when this string appears (repeatable); it is not included in the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print `{"token_ids": [...], "text": ...}` instead of streaming text.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Print timing to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    prompt: Option<String>,
+    /// Comma-separated prompt ids instead of text.
+    #[arg(long, value_parser = parse_ids)]
+    token_ids: Option<TokenIds>,
+    /// Wrap the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    system: Option<String>,
+    /// Run one turn from these prompt ids (no template) and exit.
+    #[arg(long, value_parser = parse_ids)]
+    token_ids: Option<TokenIds>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// `--model`, else $FATHOM_MODEL, else `models/default` here or beside the binary's repo.
+fn resolve_model(arg: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = arg {
+        if !p.exists() {
+            bail!("model directory {} does not exist", p.display());
+        }
+        return Ok(p.clone());
+    }
+    if let Ok(p) = std::env::var("FATHOM_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = vec![PathBuf::from("models/default")];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            candidates.push(dir.join("models/default"));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default"));
+    candidates
+        .into_iter()
+        .find(|p| p.join("config.json").is_file())
+        .context("no --model given and no embedded default model found at models/default")
+}
+
+struct Loaded {
+    model: CausalLm,
+    tok: Option<TextTokenizer>,
+}
+
+fn load(dir: &Path) -> Result<Loaded> {
+    let model = CausalLm::load(dir, DType::F32, &Device::Cpu)?;
+    let tok = if dir.join("tokenizer.json").is_file() {
+        let mut t = TextTokenizer::from_dir(dir)?;
+        t.add_eos_ids(&model.cfg.eos_token_ids);
+        Some(t)
+    } else {
+        None
+    };
+    Ok(Loaded { model, tok })
+}
+
+fn eos_ids(l: &Loaded) -> Vec<u32> {
+    match &l.tok {
+        Some(t) => t.eos_ids.clone(),
+        None => l.model.cfg.eos_token_ids.clone(),
+    }
+}
+
+fn run_generation(
+    l: &Loaded,
+    prompt: &[u32],
+    s: &SamplingArgs,
+    stream: bool,
+) -> Result<Generation> {
+    let eos = eos_ids(l);
+    let opts = GenerateOptions {
+        params: s.params(),
+        max_tokens: s.max_tokens,
+        stop: &s.stop,
+        ignore_eos: s.ignore_eos,
+        eos_ids: &eos,
+    };
+    let mut stdout = std::io::stdout();
+    let mut on_text = |t: &str| {
+        if stream {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    };
+    let g = generate(&l.model, l.tok.as_ref(), prompt, &opts, &mut on_text)?;
+    if s.verbose {
+        let n = g.token_ids.len().max(1);
+        eprintln!(
+            "\n[{} prompt tokens, prefill {:.1} ms; {} tokens in {:.2} s = {:.1} tok/s; finish {}]",
+            g.prompt_tokens,
+            g.prefill_secs * 1e3,
+            g.token_ids.len(),
+            g.decode_secs,
+            n as f64 / g.decode_secs.max(1e-9),
+            g.finish.as_str()
+        );
+    }
+    Ok(g)
+}
+
+fn print_json(g: &Generation) {
+    println!(
+        "{}",
+        json!({"token_ids": g.token_ids, "text": g.text, "finish_reason": g.finish.as_str(), "prompt_tokens": g.prompt_tokens})
+    );
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let dir = resolve_model(&a.model)?;
+    let l = load(&dir)?;
+    let prompt: Vec<u32> = match (&a.token_ids, &a.prompt) {
+        (Some(ids), _) => ids.0.clone(),
+        (None, Some(text)) => {
+            let tok = l.tok.as_ref().with_context(|| {
+                format!("{}: no tokenizer.json; pass --token-ids", dir.display())
+            })?;
+            if a.chat {
+                let mut msgs = vec![];
+                if let Some(s) = &a.system {
+                    msgs.push(json!({"role": "system", "content": s}));
+                }
+                msgs.push(json!({"role": "user", "content": text}));
+                tok.apply_chat_template(&json!(msgs), None, true)?.1
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("give --prompt TEXT or --token-ids 1,2,3"),
+    };
+    let stream = a.sampling.format == Format::Text;
+    let g = run_generation(&l, &prompt, &a.sampling, stream)?;
+    if stream {
+        println!();
+    } else {
+        print_json(&g);
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let dir = resolve_model(&a.model)?;
+    let l = load(&dir)?;
+    let stream = a.sampling.format == Format::Text;
+    if let Some(ids) = &a.token_ids {
+        let g = run_generation(&l, &ids.0, &a.sampling, stream)?;
+        if stream {
+            println!();
+        } else {
+            print_json(&g);
+        }
+        return Ok(());
+    }
+    let tok = l
+        .tok
+        .as_ref()
+        .with_context(|| format!("{}: chat needs tokenizer.json", dir.display()))?;
+    if tok.chat_template.is_none() {
+        bail!(
+            "{}: tokenizer_config.json has no chat_template",
+            dir.display()
+        );
+    }
+    let mut history: Vec<serde_json::Value> = vec![];
+    if let Some(s) = &a.system {
+        history.push(json!({"role": "system", "content": s}));
+    }
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    if interactive {
+        eprintln!(
+            "fathom chat — {} ({}). /reset clears history, /exit quits.",
+            dir.display(),
+            l.model.cfg.arch.model_type()
+        );
+    }
+    let stdin = std::io::stdin();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m["role"] == "system");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(json!({"role": "user", "content": line}));
+        let (_, ids) = tok.apply_chat_template(&json!(history), None, true)?;
+        let g = run_generation(&l, &ids, &a.sampling, stream)?;
+        if stream {
+            println!();
+        } else {
+            print_json(&g);
+        }
+        history.push(json!({"role": "assistant", "content": g.text}));
+    }
+    Ok(())
+}
+
+fn cmd_forward(model: Option<PathBuf>, ids: TokenIds, output: PathBuf) -> Result<()> {
+    let dir = resolve_model(&model)?;
+    let l = load(&dir)?;
+    let vocab = l.model.cfg.vocab_size as u32;
+    if let Some(bad) = ids.0.iter().find(|&&t| t >= vocab) {
+        bail!("token id {bad} is out of range: the vocabulary has {vocab} entries");
+    }
+    let x = Tensor::new(ids.0.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let logits = l
+        .model
+        .forward(&x, 0, None)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?;
+    let tmp = output.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("logits".to_string(), logits)]),
+        &tmp,
+    )
+    .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &output).with_context(|| format!("writing {}", output.display()))?;
+    Ok(())
+}
+
+fn cmd_inspect(model: Option<PathBuf>, format: Format) -> Result<()> {
+    let dir = resolve_model(&model)?;
+    let cfg = ModelConfig::from_path(&dir)?;
+    let store = fathom_core::WeightStore::open(&dir)?;
+    let (total, active) = param_counts(&cfg);
+    // Plain (expanded) cache stores 2·heads·head_dim per layer; MLA's latent cache stores
+    // kv_lora_rank + qk_rope_head_dim (V2 §2.1.2). Reported at f32, the dtype Fathom caches in.
+    let bytes_per_value = 4;
+    let kv_bytes = cfg.kv_values_per_token_per_layer() * cfg.num_hidden_layers * bytes_per_value;
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut stored_params = 0usize;
+    for (_, (dt, shape)) in store.summary() {
+        *dtypes.entry(format!("{dt:?}")).or_default() += 1;
+        stored_params += shape.iter().product::<usize>();
+    }
+    let mtp_present = cfg.num_nextn_predict_layers > 0
+        && store.contains(&format!(
+            "model.layers.{}.eh_proj.weight",
+            cfg.num_hidden_layers
+        ));
+    let mut info = json!({
+        "model": dir.display().to_string(),
+        "architecture": cfg.arch.model_type(),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size,
+        "total_params": total,
+        "active_params": active,
+        "stored_tensor_elements": stored_params,
+        "kv_bytes_per_token": kv_bytes,
+        "kv_cache_dtype": "f32",
+        "mtp_modules": if mtp_present { cfg.num_nextn_predict_layers } else { 0 },
+        "tensor_dtypes": dtypes,
+        "fp8_block": cfg.quantization.as_ref().map(|q| q.weight_block_size),
+    });
+    if let Some(m) = &cfg.mla {
+        info["attention"] = json!({"kind": "MLA", "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank,
+            "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim});
+    } else {
+        info["attention"] = json!({"kind": "GQA", "head_dim": cfg.head_dim});
+    }
+    if let Some(m) = &cfg.moe {
+        info["moe"] = json!({"routed_experts": m.n_routed_experts, "shared_experts": m.n_shared_experts,
+            "experts_per_token": m.num_experts_per_tok, "groups": m.n_group, "topk_group": m.topk_group,
+            "topk_method": format!("{:?}", m.topk_method), "scoring": format!("{:?}", m.scoring_func),
+            "first_k_dense_replace": m.first_k_dense_replace});
+    }
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("model          {}", dir.display());
+    println!(
+        "architecture   {} ({} layers, hidden {}, {} heads, vocab {})",
+        cfg.arch.model_type(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.vocab_size
+    );
+    println!("attention      {}", info["attention"]);
+    if let Some(m) = info.get("moe") {
+        println!("moe            {m}");
+    }
+    println!(
+        "parameters     {} total, {} active per token",
+        human(total),
+        human(active)
+    );
+    println!("kv cache       {kv_bytes} bytes per token (f32)");
+    println!("mtp modules    {}", info["mtp_modules"]);
+    println!("tensor dtypes  {}", info["tensor_dtypes"]);
+    Ok(())
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Forward {
+            model,
+            token_ids,
+            output,
+        } => cmd_forward(model, token_ids, output),
+        Command::Inspect { model, format } => cmd_inspect(model, format),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
