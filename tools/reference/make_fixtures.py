@@ -283,18 +283,6 @@ def record_reference(model, prompts, out: str, mtp=None):
     return worst
 
 
-def finish(name, base, cfg_dict, tensors, tok, hf_tok, args, mtp=None, dtype_note="f32", load_dtype=torch.float32,
-           keep_weights_as=None):
-    out = os.path.join(args.out, name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    write_config(out, cfg_dict)
-    write_tokenizer(tok, out)
-    save_file(keep_weights_as if keep_weights_as is not None else tensors, os.path.join(out, "model.safetensors"),
-              metadata={"format": "pt"})
-    return out
-
-
 def build_model(cfg_dict: dict, seed: int):
     tmp = "/tmp/fathom_cfg"
     os.makedirs(tmp, exist_ok=True)
@@ -321,14 +309,8 @@ def emit(name, cfg_dict, model, tok, hf_tok, args, dtype=torch.float32, mtp=None
         tensors.update(to_dtype(extra, dtype))
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     ref_model = load_hf(out, torch.float32)
-    if mtp is not None:  # the MTP modules run in f32 from the same (possibly bf16-rounded) weights
-        L = cfg["num_hidden_layers"]
-        for k, v in tensors.items():
-            if k.startswith(f"model.layers.{L}."):
-                pass
-        mods = mtp
-    else:
-        mods = None
+    # MTP modules (V3) run in f32 beside the reloaded model; they share its embedding and head.
+    mods = mtp
     margin = record_reference(ref_model, prompts_for(tok, hf_tok), out, mods)
     size = os.path.getsize(os.path.join(out, "model.safetensors"))
     print(f"{name}: {size/1e6:.2f} MB, min greedy top1-top2 margin {margin:.4f}")

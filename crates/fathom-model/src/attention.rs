@@ -34,6 +34,24 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> 
     softmax_last(&scores)?.matmul(&v.contiguous()?)
 }
 
+/// Append this step's k/v [b, kv_heads, s, *] to the layer cache (when decoding incrementally), then
+/// attend with each kv head serving `rep` query heads. The cache holds the un-repeated kv heads.
+pub fn attend_cached(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    rep: usize,
+    scale: f64,
+    offset: usize,
+    cache: Option<&mut LayerCache>,
+) -> Result<Tensor> {
+    let (k, v) = match cache {
+        Some(c) => c.append(&k, &v)?,
+        None => (k, v),
+    };
+    attend(q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, scale, offset)
+}
+
 /// [b, kv_heads, t, d] → [b, kv_heads·rep, t, d], each kv head serving `rep` query heads.
 pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
@@ -122,18 +140,9 @@ impl GqaAttention {
         )?;
         let q = rope.apply(&q.contiguous()?, offset)?;
         let k = rope.apply(&k.contiguous()?, offset)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v.contiguous()?)?,
-            None => (k, v),
-        };
         let rep = self.heads / self.kv_heads;
-        let out = attend(
-            &q,
-            &repeat_kv(&k, rep)?,
-            &repeat_kv(&v, rep)?,
-            1.0 / (self.head_dim as f64).sqrt(),
-            offset,
-        )?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attend_cached(&q, k, v.contiguous()?, rep, scale, offset, cache)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;

@@ -6,7 +6,7 @@
 //! score = (q_nope·k_nope + q_pe·k_pe) · softmax_scale,  softmax_scale = d_qk^-½ · m² under YaRN.
 //! This is the plain (expanded) form; it caches full k and v per head.
 
-use crate::attention::attend;
+use crate::attention::attend_cached;
 use crate::cache::LayerCache;
 use crate::norm::RmsNorm;
 use crate::ops::linear;
@@ -149,11 +149,7 @@ impl Mla {
         )?;
         let q = Tensor::cat(&[&q_nope, &q_pe], D::Minus1)?;
 
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
-        };
-        let out = attend(&q, &k, &v, self.softmax_scale, offset)?; // [b, h, s, d_v]
+        let out = attend_cached(&q, k, v, 1, self.softmax_scale, offset, cache)?; // [b, h, s, d_v]
         let out = out.transpose(1, 2)?.reshape((b, s, h * m.v_head_dim))?;
         linear(&out, &self.o_proj, None)
     }
