@@ -16,6 +16,15 @@ fn reference() -> Value {
     .unwrap()
 }
 
+/// A JSON array of token ids.
+fn json_ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 #[test]
 fn chat_template_matches_transformers() {
     let tok = TextTokenizer::from_dir(&fixtures().join("deepseek_v3_tiny")).unwrap();
@@ -41,12 +50,7 @@ fn chat_template_matches_transformers() {
             case["text"].as_str().unwrap(),
             "case {i}: rendered text"
         );
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want = json_ids(&case["ids"]);
         assert_eq!(ids, want, "case {i}: ids");
     }
     // Special tokens are single ids.
@@ -67,12 +71,7 @@ fn encode_decode_matches_transformers() {
     let tok = TextTokenizer::from_dir(&fixtures().join("qwen2_tiny")).unwrap();
     for case in reference()["encode"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want = json_ids(&case["ids"]);
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(ids, want, "{text:?}");
         assert_eq!(
