@@ -1,8 +1,11 @@
 //! `fathom`: run DeepSeek-family checkpoints from a Hugging Face directory.
 //!
 //! Subcommands: `generate` (stream a completion), `chat` (multi-turn REPL), `forward` (dump logits),
-//! `inspect` (architecture, parameter counts, KV bytes per token). Without `--model`, the embedded
-//! default model at `models/default/` is used.
+//! `inspect` (architecture, parameter counts, KV bytes per token), `train` (pretraining),
+//! `tokenizer train`, `plot` (training curves). Without `--model`, the embedded default model at
+//! `models/default/` is used.
+
+mod train_cmds;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -47,6 +50,17 @@ enum Command {
         model: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+    },
+    /// Pretrain a DeepSeek-V3-architecture model (MLA, DeepSeekMoE, MTP) from a TOML config.
+    Train(train_cmds::TrainArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(train_cmds::TokenizerCmd),
+    /// Render a run's metrics.jsonl to a PNG (default RUN_DIR/metrics.png).
+    Plot {
+        run_dir: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -467,6 +481,9 @@ fn main() {
             output,
         } => cmd_forward(model, token_ids, output),
         Command::Inspect { model, format } => cmd_inspect(model, format),
+        Command::Train(a) => train_cmds::cmd_train(a),
+        Command::Tokenizer(c) => train_cmds::cmd_tokenizer(c),
+        Command::Plot { run_dir, out } => train_cmds::cmd_plot(run_dir, out),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

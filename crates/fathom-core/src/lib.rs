@@ -16,5 +16,8 @@ pub use config::{
     Architecture, MlaConfig, ModelConfig, MoeConfig, RopeScaling, ScoringFunc, TopkMethod,
 };
 pub use error::{FathomError, Result};
-pub use tokenizer::{ChatTemplate, TextTokenizer};
+pub use tokenizer::{
+    deepseek_tokenizer_config, ChatTemplate, TextTokenizer, DEEPSEEK_R1_CHAT_TEMPLATE,
+    DEEPSEEK_SPECIAL_TOKENS,
+};
 pub use weights::WeightStore;

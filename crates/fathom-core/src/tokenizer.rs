@@ -260,3 +260,49 @@ impl TextTokenizer {
         Ok((text, ids))
     }
 }
+
+/// DeepSeek-V3/R1's special tokens, in the order their ids are assigned by `fathom tokenizer train`
+/// (bos = 0, eos = 1, pad = 2).
+pub const DEEPSEEK_SPECIAL_TOKENS: [&str; 16] = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜▁pad▁｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜tool▁sep｜>",
+];
+
+/// DeepSeek-R1's chat template: system prompts joined, reasoning of earlier assistant turns dropped,
+/// tool calls and outputs, `<think>\n` pre-filled after the generation prompt.
+pub const DEEPSEEK_R1_CHAT_TEMPLATE: &str = include_str!("templates/deepseek_r1.jinja");
+
+/// `tokenizer_config.json` for a DeepSeek-style tokenizer (bos/eos/pad as AddedToken objects, as
+/// the real checkpoints write them; bos is written by the template, not added by encode).
+pub fn deepseek_tokenizer_config(model_max_length: usize) -> Value {
+    let added = |content: &str| {
+        serde_json::json!({"__type": "AddedToken", "content": content, "lstrip": false,
+            "normalized": true, "rstrip": false, "single_word": false})
+    };
+    serde_json::json!({
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "bos_token": added(DEEPSEEK_SPECIAL_TOKENS[0]),
+        "eos_token": added(DEEPSEEK_SPECIAL_TOKENS[1]),
+        "pad_token": added(DEEPSEEK_SPECIAL_TOKENS[2]),
+        "clean_up_tokenization_spaces": false,
+        "legacy": true,
+        "model_max_length": model_max_length,
+        "tokenizer_class": "LlamaTokenizerFast",
+        "chat_template": DEEPSEEK_R1_CHAT_TEMPLATE,
+    })
+}

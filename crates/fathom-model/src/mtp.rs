@@ -8,6 +8,7 @@
 
 use crate::cache::LayerCache;
 use crate::decoder::DecoderLayer;
+use crate::moe::Routing;
 use crate::norm::RmsNorm;
 use crate::ops::linear;
 use crate::rope::Rope;
@@ -50,6 +51,20 @@ impl MtpModule {
         offset: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        Ok(self
+            .forward_with_routing(prev_hidden, next_embeds, rope, offset, cache)?
+            .0)
+    }
+
+    /// As `forward`, also returning the routing of the block's MoE (for balancing in training).
+    pub fn forward_with_routing(
+        &self,
+        prev_hidden: &Tensor,
+        next_embeds: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Option<Routing>)> {
         let cat = Tensor::cat(
             &[
                 self.enorm.forward(next_embeds)?,
@@ -58,7 +73,7 @@ impl MtpModule {
             D::Minus1,
         )?;
         let h = linear(&cat, &self.eh_proj, None)?;
-        let (h, _) = self.block.forward(&h, rope, offset, cache)?;
-        self.shared_head_norm.forward(&h)
+        let (h, routing) = self.block.forward(&h, rope, offset, cache)?;
+        Ok((self.shared_head_norm.forward(&h)?, routing))
     }
 }

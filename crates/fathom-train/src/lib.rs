@@ -1,0 +1,27 @@
+//! fathom-train: training DeepSeek-architecture models on the same definition inference uses.
+//!
+//! - [`config`]: the TOML run config and presets (`fathom train --preset tiny`).
+//! - [`tokenizer_train`]: byte-level BPE with DeepSeek's special tokens and R1 chat template.
+//! - [`data`]: text/JSONL (+ [`arithmetic`]) → memory-mapped token stores, seeded batches.
+//! - [`objective`]: LM + MTP (λ/D·ΣL_k) + sequence-wise balance loss.
+//! - [`balance`]: auxiliary-loss-free bias update, balance loss, MaxVio.
+//! - [`optim`]: AdamW, warm-up + cosine schedule, gradient clipping.
+//! - [`checkpoint`]: atomic HF checkpoint directories.
+//! - [`metrics`]: JSONL metrics and PNG plots.
+//! - [`pretrain`]: the loop, with exact resume.
+
+pub mod arithmetic;
+pub mod balance;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod objective;
+pub mod optim;
+pub mod pretrain;
+pub mod tokenizer_train;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use pretrain::{train, TrainOptions, TrainSummary, TrainableModel};
