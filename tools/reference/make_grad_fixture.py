@@ -67,30 +67,88 @@ def split_experts(prefix: str, name: str, t: torch.Tensor, out: dict):
         out[prefix + name] = t
 
 
+def build_mtp(cfg, depth: int, seed: int):
+    """D MTP modules as in DeepSeek-V3 (module k at layer num_hidden_layers + k - 1)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3DecoderLayer, DeepseekV3RMSNorm)
+    mods = []
+    for k in range(depth):
+        m = torch.nn.ModuleDict({
+            "enorm": DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps),
+            "hnorm": DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps),
+            "eh_proj": torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False),
+            "block": DeepseekV3DecoderLayer(cfg, layer_idx=cfg.num_hidden_layers + k),
+            "shared_head_norm": DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps),
+        })
+        with torch.no_grad():
+            mf.init_weights(m, seed + k, 0.5)
+        mods.append(m)
+    return mods
+
+
+def attach_router_hooks(model, mods) -> list:
+    """Router logits of every MoE layer (main layers, then MTP blocks) land in the returned list."""
+    captured = []
+
+    def hook(_m, _inp, out):
+        captured.append(out[0])
+    for layer in list(model.model.layers) + [m["block"] for m in mods]:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(hook)
+    return captured
+
+
+def pretrain_loss(model, mods, tokens, lam: float, alpha: float, captured: list):
+    """Fathom's objective (fathom-train `objective.rs`) in PyTorch: (total, lm, [L_k], balance)."""
+    cfg = model.config
+    vocab, E, K = cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    captured.clear()
+    b, n = tokens.shape[0], tokens.shape[1] - 1
+    h = model.model(tokens[:, :n]).last_hidden_state
+    lm = F.cross_entropy(model.lm_head(h).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    seq_lens = [n] * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
+    mtp_losses = []
+    prev = h
+    for k0, m in enumerate(mods):
+        k = k0 + 1
+        ln = n - k
+        emb = model.model.embed_tokens(tokens[:, k:k + ln])
+        hin = m["eh_proj"](torch.cat([m["enorm"](emb), m["hnorm"](prev[:, :ln])], dim=-1))
+        pos = torch.arange(ln)[None].expand(b, -1)
+        cos_sin = model.model.rotary_emb(hin, pos)
+        mask = torch.full((ln, ln), float("-inf"), dtype=hin.dtype).triu(1)[None, None]
+        o = m["block"](hin, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        o = o[0] if isinstance(o, tuple) else o
+        hk = m["shared_head_norm"](o)
+        mtp_losses.append(F.cross_entropy(model.lm_head(hk).reshape(-1, vocab),
+                                          tokens[:, k + 1:k + 1 + ln].reshape(-1)))
+        seq_lens.append(ln)
+        prev = hk
+    assert len(captured) == len(seq_lens), (len(captured), seq_lens)
+    bal = torch.zeros((), dtype=h.dtype)
+    if alpha > 0:
+        for logits, T in zip(captured, seq_lens):
+            s = logits.to(h.dtype).sigmoid().reshape(b, T, E)
+            P = (s / s.sum(-1, keepdim=True)).mean(1)                    # [b, E]
+            top = s.detach().topk(K, dim=-1).indices                      # unbiased top-K
+            f = torch.zeros(b, T, E, dtype=h.dtype).scatter_(2, top, 1.0).sum(1) * E / (K * T)
+            bal = bal + alpha * (f * P).sum(-1).mean()
+    total = lm + bal
+    if mods:
+        total = total + lam / len(mods) * sum(mtp_losses)
+    return total, lm, mtp_losses, bal
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fixtures")
     args = ap.parse_args()
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-        DeepseekV3DecoderLayer, DeepseekV3RMSNorm)
-
     with torch.no_grad():
         model = mf.build_model(CFG, seed=11)
     cfg = model.config
     cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     L = cfg.num_hidden_layers
-    mods = []
-    for k in range(DEPTH):
-        m = torch.nn.ModuleDict({
-            "enorm": DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps),
-            "hnorm": DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps),
-            "eh_proj": torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False),
-            "block": DeepseekV3DecoderLayer(cfg, layer_idx=L + k),
-            "shared_head_norm": DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps),
-        })
-        with torch.no_grad():
-            mf.init_weights(m, 100 + k, 0.5)
-        mods.append(m)
+    mods = build_mtp(cfg, DEPTH, 100)
     # Round to f32 (what the checkpoint stores), then compute in f64.
     everything = torch.nn.ModuleList([model, *mods])
     everything.float()
@@ -119,49 +177,12 @@ def main():
                         out[f"model.layers.{L + k}." + n.replace("block.", "")] = b
         return {k: v.detach().float().contiguous() for k, v in out.items()}
 
-    # Router logits of every MoE layer, in call order.
-    captured = []
-    def hook(_m, _inp, out):
-        captured.append(out[0])
-    for layer in list(model.model.layers) + [m["block"] for m in mods]:
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(hook)
+    captured = attach_router_hooks(model, mods)
 
     g = torch.Generator().manual_seed(5)
     b, n = 2, 20
     tokens = torch.randint(2, CFG["vocab_size"], (b, n + 1), generator=g)
-    inp = tokens[:, :n]
-    out = model.model(inp)
-    h = out.last_hidden_state
-    lm = F.cross_entropy(model.lm_head(h).reshape(-1, CFG["vocab_size"]), tokens[:, 1:].reshape(-1))
-    seq_lens = [n] * (L - cfg.first_k_dense_replace)
-    mtp_losses = []
-    prev = h
-    for k0, m in enumerate(mods):
-        k = k0 + 1
-        ln = n - k
-        emb = model.model.embed_tokens(tokens[:, k:k + ln])
-        hin = m["eh_proj"](torch.cat([m["enorm"](emb), m["hnorm"](prev[:, :ln])], dim=-1))
-        pos = torch.arange(ln)[None].expand(b, -1)
-        cos_sin = model.model.rotary_emb(hin, pos)
-        mask = torch.full((ln, ln), float("-inf"), dtype=hin.dtype).triu(1)[None, None]
-        o = m["block"](hin, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-        o = o[0] if isinstance(o, tuple) else o
-        hk = m["shared_head_norm"](o)
-        mtp_losses.append(F.cross_entropy(model.lm_head(hk).reshape(-1, CFG["vocab_size"]),
-                                          tokens[:, k + 1:k + 1 + ln].reshape(-1)))
-        seq_lens.append(ln)
-        prev = hk
-    assert len(captured) == len(seq_lens), (len(captured), seq_lens)
-    E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
-    bal = torch.zeros((), dtype=torch.float64)
-    for logits, T in zip(captured, seq_lens):
-        s = logits.double().sigmoid().reshape(b, T, E)
-        P = (s / s.sum(-1, keepdim=True)).mean(1)                       # [b, E]
-        top = s.detach().topk(K, dim=-1).indices                         # unbiased top-K
-        f = torch.zeros(b, T, E, dtype=torch.float64).scatter_(2, top, 1.0).sum(1) * E / (K * T)
-        bal = bal + ALPHA * (f * P).sum(-1).mean()
-    total = lm + LAMBDA / DEPTH * sum(mtp_losses) + bal
+    total, lm, mtp_losses, bal = pretrain_loss(model, mods, tokens, LAMBDA, ALPHA, captured)
     total.backward()
 
     out_dir = os.path.join(args.out, "grad_v3")

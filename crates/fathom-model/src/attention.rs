@@ -10,9 +10,19 @@ use fathom_core::ModelConfig;
 
 /// softmax(q kᵀ · scale + causal mask) v for q [b, h, s, d] at positions offset.., k/v [b, h, t, *].
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
-    let (_, _, s, _) = q.dims4()?;
-    let t = k.dim(2)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let raw = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = match crate::fused::causal_softmax(&raw, scale, offset)? {
+        Some(p) => p,
+        None => causal_softmax_composed(&raw, scale, offset)?,
+    };
+    probs.matmul(&v.contiguous()?)
+}
+
+/// softmax(scale·x + causal mask) from candle primitives, for x [b, h, s, t] with queries at
+/// positions offset.. (the fused kernel computes the same).
+pub fn causal_softmax_composed(x: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    let (_, _, s, t) = x.dims4()?;
+    let scores = (x * scale)?;
     let scores = if s > 1 {
         // Query i sits at position offset + i and may see keys 0..=offset + i.
         let mask: Vec<f32> = (0..s)
@@ -26,12 +36,12 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> 
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (s, t), q.device())?.to_dtype(scores.dtype())?;
+        let mask = Tensor::from_vec(mask, (s, t), x.device())?.to_dtype(scores.dtype())?;
         scores.broadcast_add(&mask)?
     } else {
         scores
     };
-    softmax_last(&scores)?.matmul(&v.contiguous()?)
+    softmax_last(&scores)
 }
 
 /// Append this step's k/v [b, kv_heads, s, *] to the layer cache (when decoding incrementally), then

@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod cache;
 pub mod decoder;
+pub mod fused;
 pub mod mla;
 pub mod mlp;
 pub mod model;

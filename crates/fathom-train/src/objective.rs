@@ -12,7 +12,7 @@
 use crate::balance::sequence_balance_loss;
 use candle_core::{DType, Result, Tensor};
 use fathom_model::moe::Routing;
-use fathom_model::ops::log_softmax_last;
+use fathom_model::ops::cross_entropy_rows;
 use fathom_model::CausalLm;
 
 pub struct LossParts {
@@ -34,11 +34,7 @@ pub fn masked_cross_entropy(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, s, v) = logits.dims3()?;
-    let lp = log_softmax_last(&logits.reshape((b * s, v))?)?;
-    let nll = lp
-        .gather(&targets.reshape((b * s, 1))?.to_dtype(DType::U32)?, 1)?
-        .neg()?
-        .reshape(b * s)?;
+    let nll = cross_entropy_rows(&logits.reshape((b * s, v))?, &targets.reshape(b * s)?)?;
     match mask {
         None => nll.mean_all(),
         Some(m) => {

@@ -40,6 +40,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Stop after this many steps of this invocation (simulates a kill; tests and benchmarks).
     pub stop_after: Option<usize>,
+    /// Data-parallel worker threads per step (each runs candle single-threaded); 0 = all cores.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -373,6 +375,12 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let mut tps_sum = 0.0;
     let mut steps_run = 0usize;
     let moe = tm.model.cfg.moe.clone();
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let shards = threads.min(t.batch_size).max(1);
     while state.step < t.max_steps {
         if opts.stop_after.is_some_and(|n| steps_run >= n) {
             break;
@@ -389,52 +397,57 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         let mut has_mtp = false;
         for micro in 0..t.grad_accum {
             let batch = ds.train_batch(t.seed, step, micro, t.batch_size);
-            let tokens = Tensor::from_vec(batch, (t.batch_size, cfg.data.seq_len + 1), &device)?;
-            let parts = pretrain_loss(
-                &tm.model,
-                &tokens,
-                None,
-                cfg.mtp.loss_weight,
-                cfg.balance.seq_aux_alpha,
-            )?;
-            let value = scalar(&parts.total)?;
-            if !value.is_finite() {
-                bar.abandon();
-                return Err(TrainError::NonFinite {
-                    step: step + 1,
-                    value,
-                    last_good: last_ckpt,
-                });
-            }
-            let scale = 1.0 / t.grad_accum as f64;
-            loss += value * scale;
-            lm += scalar(&parts.lm)? * scale;
-            bal += scalar(&parts.balance)? * scale;
-            if !parts.mtp.is_empty() {
-                has_mtp = true;
-                let mut s = 0.0;
-                for l in &parts.mtp {
-                    s += scalar(l)?;
+            let n1 = cfg.data.seq_len + 1;
+            // Data-parallel shards of the micro-batch, one per worker thread; each shard's share of
+            // the mean is its fraction of the sequences. Fixed split and summation order keep runs
+            // deterministic for a given thread count.
+            let bounds: Vec<(usize, usize)> = (0..shards)
+                .map(|i| (t.batch_size * i / shards, t.batch_size * (i + 1) / shards))
+                .filter(|(a, b)| b > a)
+                .collect();
+            let outs: Vec<Result<ShardOut>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = bounds
+                    .iter()
+                    .map(|&(a, b)| {
+                        let tokens = batch[a * n1..b * n1].to_vec();
+                        let weight = (b - a) as f64 / t.batch_size as f64 / t.grad_accum as f64;
+                        let tm = &tm;
+                        let cfg = &cfg;
+                        let moe = &moe;
+                        scope.spawn(move || shard_step(tm, tokens, b - a, n1, weight, cfg, moe))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("training worker panicked"))
+                    .collect()
+            });
+            for out in outs {
+                let out = out?;
+                if !out.total.is_finite() {
+                    bar.abandon();
+                    return Err(TrainError::NonFinite {
+                        step: step + 1,
+                        value: out.total,
+                        last_good: last_ckpt,
+                    });
                 }
-                mtp_sum += s / parts.mtp.len() as f64 * scale;
-            }
-            if let Some(m) = &moe {
-                for (layer, r) in &parts.routings {
-                    let c = expert_loads(&r.experts, m.n_routed_experts);
-                    let acc = loads
-                        .entry(*layer)
-                        .or_insert_with(|| vec![0.0; m.n_routed_experts]);
+                loss += out.total * out.weight;
+                lm += out.lm * out.weight;
+                bal += out.balance * out.weight;
+                if let Some(m) = out.mtp {
+                    has_mtp = true;
+                    mtp_sum += m * out.weight;
+                }
+                for (layer, c) in out.loads {
+                    let acc = loads.entry(layer).or_insert_with(|| vec![0.0; c.len()]);
                     for (a, c) in acc.iter_mut().zip(c) {
                         *a += c;
                     }
                 }
-            }
-            let g = (parts.total * scale)?.backward()?;
-            for (acc, p) in grads.iter_mut().zip(&tm.params) {
-                if let Some(gt) = g.get(p.var.as_tensor()) {
-                    let v: Vec<f32> = gt.flatten_all()?.to_vec1()?;
-                    for (a, v) in acc.iter_mut().zip(v) {
-                        *a += v;
+                for (acc, g) in grads.iter_mut().zip(out.grads) {
+                    for (a, g) in acc.iter_mut().zip(g) {
+                        *a += g;
                     }
                 }
             }
@@ -538,6 +551,70 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         last,
         last_val_loss: last_val,
         mean_tokens_per_s: tps_sum / steps_run.max(1) as f64,
+    })
+}
+
+/// One data-parallel shard's contribution: loss values, expert loads and gradients already
+/// scaled by `weight` (its fraction of the step's sequences).
+struct ShardOut {
+    weight: f64,
+    total: f64,
+    lm: f64,
+    mtp: Option<f64>,
+    balance: f64,
+    loads: BTreeMap<usize, Vec<f64>>,
+    grads: Vec<Vec<f32>>,
+}
+
+fn shard_step(
+    tm: &TrainableModel,
+    tokens: Vec<u32>,
+    rows: usize,
+    n1: usize,
+    weight: f64,
+    cfg: &TrainConfig,
+    moe: &Option<fathom_core::MoeConfig>,
+) -> Result<ShardOut> {
+    let tokens = Tensor::from_vec(tokens, (rows, n1), &tm.model.device)?;
+    let parts = pretrain_loss(
+        &tm.model,
+        &tokens,
+        None,
+        cfg.mtp.loss_weight,
+        cfg.balance.seq_aux_alpha,
+    )?;
+    let mtp = if parts.mtp.is_empty() {
+        None
+    } else {
+        let mut s = 0.0;
+        for l in &parts.mtp {
+            s += scalar(l)?;
+        }
+        Some(s / parts.mtp.len() as f64)
+    };
+    let mut loads = BTreeMap::new();
+    if let Some(m) = moe {
+        for (layer, r) in &parts.routings {
+            loads.insert(*layer, expert_loads(&r.experts, m.n_routed_experts));
+        }
+    }
+    let total = scalar(&parts.total)?;
+    let g = (&parts.total * weight)?.backward()?;
+    let mut grads = Vec::with_capacity(tm.params.len());
+    for p in &tm.params {
+        grads.push(match g.get(p.var.as_tensor()) {
+            Some(gt) => gt.flatten_all()?.to_vec1()?,
+            None => vec![0f32; p.var.elem_count()],
+        });
+    }
+    Ok(ShardOut {
+        weight,
+        total,
+        lm: scalar(&parts.lm)?,
+        mtp,
+        balance: scalar(&parts.balance)?,
+        loads,
+        grads,
     })
 }
 

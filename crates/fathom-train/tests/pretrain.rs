@@ -82,6 +82,7 @@ fn run(
         resume,
         quiet: true,
         stop_after,
+        threads: 2,
     })
 }
 
