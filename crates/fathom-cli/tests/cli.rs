@@ -230,3 +230,138 @@ fn bad_input_is_a_clear_error() {
     assert!(!ok && err.contains("top_p"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+/// A micro training config over a slice of the Shakespeare corpus, written into `dir`.
+fn micro_train_config(dir: &std::path::Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("data/shakespeare/shakespeare.txt")).unwrap();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, &text[..60_000]).unwrap();
+    let preset = std::fs::read_to_string(root().join("crates/fathom-train/presets/tiny.toml"))
+        .unwrap()
+        .replace("data/shakespeare/shakespeare.txt", corpus.to_str().unwrap())
+        .replace("vocab_size = 1024", "vocab_size = 300")
+        .replace("max_steps = 300", "max_steps = 4")
+        .replace("seq_len = 128", "seq_len = 32")
+        .replace("val_fraction = 0.02", "val_fraction = 0.2")
+        .replace("eval_every = 50", "eval_every = 2")
+        .replace("save_every = 100", "save_every = 2");
+    let path = dir.join("micro.toml");
+    std::fs::write(&path, preset).unwrap();
+    path
+}
+
+#[test]
+fn train_plot_and_generate_from_the_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = micro_train_config(tmp.path());
+    let run = tmp.path().join("run");
+    let (ok, stdout, stderr) = fathom(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["steps"], 4);
+    assert!(summary["val_loss"].as_f64().unwrap().is_finite());
+    assert!(run.join("final/config.json").exists() && run.join("metrics.png").exists());
+    // Resuming a finished run with a higher step budget continues it.
+    let (ok, stdout, stderr) = fathom(&[
+        "train",
+        "--resume",
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["steps"],
+        6
+    );
+    let png = tmp.path().join("curves.png");
+    let (ok, _, stderr) = fathom(&[
+        "plot",
+        run.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // The trained checkpoint is a model the rest of the toolkit runs.
+    let (ok, stdout, stderr) = fathom(&[
+        "generate",
+        "--model",
+        run.join("final").to_str().unwrap(),
+        "--prompt",
+        "To be",
+        "--max-tokens",
+        "5",
+        "--format",
+        "json",
+        "--ignore-eos",
+    ]);
+    assert!(ok, "{stderr}");
+    let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(g["token_ids"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn train_errors_name_the_field_or_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = micro_train_config(tmp.path());
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("topk_group = 2", "topk_group = 9"),
+    )
+    .unwrap();
+    let (ok, _, stderr) = fathom(&["train", "--config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("model.topk_group"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = fathom(&["train", "--preset", "nope"]);
+    assert!(!ok && stderr.contains("unknown preset"), "{stderr}");
+    let (ok, _, stderr) = fathom(&["plot", tmp.path().to_str().unwrap()]);
+    assert!(!ok && stderr.contains("metrics.jsonl"), "{stderr}");
+    let (ok, _, stderr) = fathom(&[
+        "train",
+        "--resume",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        tmp.path().join("empty").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("no checkpoint"), "{stderr}");
+}
+
+#[test]
+fn tokenizer_train_writes_a_loadable_deepseek_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("data/shakespeare/shakespeare.txt")).unwrap();
+    let corpus = tmp.path().join("c.txt");
+    std::fs::write(&corpus, &text[..50_000]).unwrap();
+    let out = tmp.path().join("tok");
+    let (ok, _, stderr) = fathom(&[
+        "tokenizer",
+        "train",
+        "--input",
+        corpus.to_str().unwrap(),
+        "--vocab-size",
+        "400",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let t = fathom_core::TextTokenizer::from_dir(&out).unwrap();
+    assert_eq!(t.vocab_size(), 400);
+    assert!(t.chat_template.is_some());
+}

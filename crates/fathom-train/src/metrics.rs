@@ -26,6 +26,9 @@ pub struct StepRecord {
     pub max_vio: Vec<(usize, f64)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// MaxVio of each MoE layer over all validation tokens (V3's MaxVio_global).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_max_vio: Option<Vec<(usize, f64)>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_mtp_loss: Option<f64>,
     /// Validation bits per byte: val_loss / ln 2 / (UTF-8 bytes per token of the val split).
@@ -143,6 +146,12 @@ fn panel(
                     .cloned()
                     .filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0))
                     .collect();
+                let sparse = p.len() <= 40;
+                if sparse {
+                    chart
+                        .draw_series(p.iter().map(|&pt| Circle::new(pt, 3, c.filled())))
+                        .map_err(|x| e(&x))?;
+                }
                 chart
                     .draw_series(LineSeries::new(p, c.stroke_width(2)))
                     .map_err(|x| e(&x))?
@@ -186,15 +195,23 @@ pub fn plot_metrics(records: &[StepRecord], out: &Path) -> Result<()> {
         .collect();
     vio_layers.sort();
     vio_layers.dedup();
-    let vio: Vec<Series> = vio_layers
+    let mut vio: Vec<Series> = vio_layers
         .iter()
         .map(|&l| {
             (
-                format!("layer {l}"),
+                format!("layer {l} (batch)"),
                 s(&|r: &StepRecord| r.max_vio.iter().find(|v| v.0 == l).map(|v| v.1)),
             )
         })
         .collect();
+    vio.push((
+        "all layers, mean over val set".into(),
+        s(&|r: &StepRecord| {
+            r.val_max_vio
+                .as_ref()
+                .map(|v| v.iter().map(|x| x.1).sum::<f64>() / v.len().max(1) as f64)
+        }),
+    ));
     let root = BitMapBackend::new(out, (1400, 1000)).into_drawing_area();
     let fail = |m: String| TrainError::Other(format!("{}: {m}", out.display()));
     root.fill(&WHITE).map_err(|x| fail(x.to_string()))?;

@@ -186,15 +186,24 @@ fn tokenizer_dir(cfg: &TrainConfig, run: &Path) -> PathBuf {
         .unwrap_or_else(|| run.join("tokenizer"))
 }
 
-/// Validation LM and MTP loss over the fixed windows.
+/// Validation results over the fixed windows.
+pub struct Evaluation {
+    pub lm_loss: f64,
+    pub mtp_loss: Option<f64>,
+    /// MaxVio of each MoE layer over all validation tokens (V3's MaxVio_global).
+    pub max_vio: Vec<(usize, f64)>,
+}
+
+/// Validation LM and MTP loss and global MaxVio over the fixed windows.
 pub fn evaluate(
     model: &CausalLm,
     ds: &Dataset,
     windows: usize,
     batch: usize,
-) -> Result<(f64, Option<f64>)> {
+) -> Result<Evaluation> {
     let all = ds.val_windows(windows);
     let (mut lm, mut mtp, mut n) = (0.0, 0.0, 0.0);
+    let mut loads: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for chunk in all.chunks(batch) {
         let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
         let t = Tensor::from_vec(flat, (chunk.len(), ds.seq_len + 1), &model.device)?;
@@ -208,10 +217,27 @@ pub fn evaluate(
             }
             mtp += s / parts.mtp.len() as f64 * w;
         }
+        if let Some(m) = &model.cfg.moe {
+            for (layer, r) in &parts.routings {
+                let acc = loads
+                    .entry(*layer)
+                    .or_insert_with(|| vec![0.0; m.n_routed_experts]);
+                for (a, c) in acc
+                    .iter_mut()
+                    .zip(expert_loads(&r.experts, m.n_routed_experts))
+                {
+                    *a += c;
+                }
+            }
+        }
         n += w;
     }
     let has_mtp = !model.mtp.is_empty();
-    Ok((lm / n, has_mtp.then_some(mtp / n)))
+    Ok(Evaluation {
+        lm_loss: lm / n,
+        mtp_loss: has_mtp.then_some(mtp / n),
+        max_vio: loads.iter().map(|(l, c)| (*l, max_violation(c))).collect(),
+    })
 }
 
 pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
@@ -493,9 +519,11 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         };
         let done = state.step == t.max_steps;
         if state.step % t.eval_every == 0 || done {
-            let (vl, vm) = evaluate(&tm.model, &ds, t.eval_batches * t.batch_size, t.batch_size)?;
+            let ev = evaluate(&tm.model, &ds, t.eval_batches * t.batch_size, t.batch_size)?;
+            let vl = ev.lm_loss;
             rec.val_loss = Some(vl);
-            rec.val_mtp_loss = vm;
+            rec.val_mtp_loss = ev.mtp_loss;
+            rec.val_max_vio = Some(ev.max_vio);
             rec.val_bpb = Some(vl / std::f64::consts::LN_2 / bytes_per_token);
             last_val = Some(vl);
         }
