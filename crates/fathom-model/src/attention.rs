@@ -11,11 +11,16 @@ use fathom_core::ModelConfig;
 /// softmax(q kᵀ · scale + causal mask) v for q [b, h, s, d] at positions offset.., k/v [b, h, t, *].
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
     let raw = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let probs = match crate::fused::causal_softmax(&raw, scale, offset)? {
-        Some(p) => p,
-        None => causal_softmax_composed(&raw, scale, offset)?,
-    };
-    probs.matmul(&v.contiguous()?)
+    causal_softmax(&raw, scale, offset)?.matmul(&v.contiguous()?)
+}
+
+/// softmax(scale·x + causal mask) for raw scores x [b, h, s, t], queries at positions offset..
+/// (the fused CPU kernel, else the composition).
+pub fn causal_softmax(x: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    match crate::fused::causal_softmax(x, scale, offset)? {
+        Some(p) => Ok(p),
+        None => causal_softmax_composed(x, scale, offset),
+    }
 }
 
 /// softmax(scale·x + causal mask) from candle primitives, for x [b, h, s, t] with queries at

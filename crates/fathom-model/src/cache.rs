@@ -1,13 +1,75 @@
-//! The plain KV cache for incremental decoding: per layer, the keys and values of every past
-//! position, [batch, heads, seq, dim], appended along the sequence axis. (MLA's compressed latent
-//! cache is a separate, later fast path tested against this one.)
+//! KV caches for incremental decoding.
+//!
+//! - Plain: per layer the keys and values of every past position, [batch, heads, seq, dim],
+//!   appended with `cat` (the reference path; GQA models use it).
+//! - Latent (MLA, DeepSeek-V2 §2.1.1): per layer only the normalised compressed KV c_kv
+//!   [batch, seq, kv_lora_rank] and the roped shared key part k_pe [batch, seq, qk_rope_head_dim]:
+//!   (kv_lora_rank + qk_rope_head_dim) values per token per layer instead of
+//!   heads·(qk_head_dim + v_head_dim). Stored in buffers that grow by doubling and are written in
+//!   place, so appending a token costs O(1) copies, not O(t).
 
 use candle_core::{Result, Tensor};
 
+/// A [batch, seq, dim] sequence buffer written in place; capacity doubles when full.
+#[derive(Debug, Clone, Default)]
+pub struct SeqBuffer {
+    data: Option<Tensor>,
+    len: usize,
+}
+
+impl SeqBuffer {
+    /// Append x [b, s, d] along the sequence axis; returns the whole filled part [b, len, d].
+    pub fn append(&mut self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        let cap = self.data.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
+        if self.len + s > cap {
+            let new_cap = (self.len + s).max(2 * cap).max(16);
+            let grown = Tensor::zeros((b, new_cap, d), x.dtype(), x.device())?;
+            if let Some(old) = &self.data {
+                grown.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            self.data = Some(grown);
+        }
+        let data = self.data.as_ref().unwrap();
+        data.slice_set(&x.contiguous()?, 1, self.len)?;
+        self.len += s;
+        data.narrow(1, 0, self.len)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget positions ≥ n (speculative decoding rolls rejected drafts back this way).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
+    /// Bytes held by the filled part.
+    pub fn bytes(&self) -> usize {
+        self.data.as_ref().map_or(0, |t| {
+            let (b, _, d) = t.dims3().unwrap_or((0, 0, 0));
+            b * self.len * d * t.dtype().size_in_bytes()
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
+    /// Plain cache: k [b, heads, t, d].
     pub k: Option<Tensor>,
+    /// Plain cache: v [b, heads, t, d].
     pub v: Option<Tensor>,
+    /// Whether MLA layers cache the latent form (c_kv, k_pe) instead of k and v.
+    pub latent_mode: bool,
+    /// Latent cache: normalised c_kv [b, t, kv_lora_rank].
+    pub latent: SeqBuffer,
+    /// Latent cache: roped k_pe [b, t, qk_rope_head_dim].
+    pub k_rope: SeqBuffer,
 }
 
 impl LayerCache {
@@ -23,11 +85,35 @@ impl LayerCache {
     }
 
     pub fn len(&self) -> usize {
+        if self.latent_mode {
+            return self.latent.len();
+        }
         self.k.as_ref().map(|k| k.dim(2).unwrap_or(0)).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes of cached state.
+    pub fn bytes(&self) -> usize {
+        let t = |x: &Option<Tensor>| {
+            x.as_ref()
+                .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+        };
+        t(&self.k) + t(&self.v) + self.latent.bytes() + self.k_rope.bytes()
+    }
+
+    /// Forget positions ≥ n.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        self.latent.truncate(n);
+        self.k_rope.truncate(n);
+        if let (Some(k), Some(v)) = (&self.k, &self.v) {
+            let keep = n.min(k.dim(2)?);
+            self.k = Some(k.narrow(2, 0, keep)?);
+            self.v = Some(v.narrow(2, 0, keep)?);
+        }
+        Ok(())
     }
 }
 
@@ -37,9 +123,21 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The plain cache (full k and v per head).
     pub fn new(n_layers: usize) -> Self {
         KvCache {
             layers: vec![LayerCache::default(); n_layers],
+        }
+    }
+
+    /// MLA's latent cache (c_kv and k_pe per token); GQA layers ignore the flag.
+    pub fn new_latent(n_layers: usize) -> Self {
+        let layer = LayerCache {
+            latent_mode: true,
+            ..Default::default()
+        };
+        KvCache {
+            layers: vec![layer; n_layers],
         }
     }
 
@@ -48,9 +146,26 @@ impl KvCache {
         self.layers.first().map(|l| l.len()).unwrap_or(0)
     }
 
+    /// Bytes of cached state over all layers.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes()).sum()
+    }
+
+    /// Forget positions ≥ n in every layer.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        for l in &mut self.layers {
+            l.truncate(n)?;
+        }
+        Ok(())
+    }
+
     pub fn clear(&mut self) {
         for l in &mut self.layers {
-            *l = LayerCache::default();
+            let latent_mode = l.latent_mode;
+            *l = LayerCache {
+                latent_mode,
+                ..Default::default()
+            };
         }
     }
 }

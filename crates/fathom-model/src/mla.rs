@@ -4,9 +4,16 @@
 //! [c_kv, k_pe] = W_DKV·x;  c_kv ← RMSNorm(c_kv);  [k_nope, v] = W_UKV·c_kv per head;
 //! q_pe, k_pe roped (interleaved pairs), k_pe shared by all heads;
 //! score = (q_nope·k_nope + q_pe·k_pe) · softmax_scale,  softmax_scale = d_qk^-½ · m² under YaRN.
-//! This is the plain (expanded) form; it caches full k and v per head.
+//!
+//! Two forms, numerically the same function:
+//! - expanded (training, and the plain cache): k_nope and v are materialised per head;
+//! - absorbed (the latent cache, DeepSeek-V2 §2.1.2 "absorb W_UK into W_Q, W_UV into W_O"): the cache
+//!   holds only c_kv and k_pe; q_nope·k_nope = (q_nope·W_UK)·c_kv, so scores are computed against
+//!   c_kv directly, the attention output stays in latent space (p·c_kv) and W_UV is applied after.
+//!   W_UK and W_UV are zero-copy views of `kv_b_proj`, so weights updated by training are never
+//!   stale.
 
-use crate::attention::attend_cached;
+use crate::attention::{attend_cached, causal_softmax};
 use crate::cache::LayerCache;
 use crate::norm::RmsNorm;
 use crate::ops::linear;
@@ -97,7 +104,109 @@ impl Mla {
         })
     }
 
+    /// Queries [b, s, h·d_qk].
+    fn query(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.q {
+            QueryProj::Full { q_proj } => linear(x, q_proj, None),
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => linear(
+                &q_a_layernorm.forward(&linear(x, q_a_proj, None)?)?,
+                q_b_proj,
+                None,
+            ),
+        }
+    }
+
     pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        match cache {
+            Some(c) if c.latent_mode => self.forward_absorbed(x, rope, offset, c),
+            other => self.forward_expanded(x, rope, offset, other),
+        }
+    }
+
+    /// The absorbed form over the latent cache (c_kv, k_pe appended for this step's tokens).
+    pub fn forward_absorbed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let m = &self.dims;
+        let (h, dn, dr, dv, r) = (
+            self.heads,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        );
+        let q = self.query(x)?.reshape((b, s, h, dn + dr))?;
+        // q_nope as [h, b·s, d_nope] for the per-head absorption.
+        let q_nope = q
+            .narrow(D::Minus1, 0, dn)?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((h, b * s, dn))?;
+        let q_pe = rope.apply(
+            &q.narrow(D::Minus1, dn, dr)?.transpose(1, 2)?.contiguous()?,
+            offset,
+        )?; // [b, h, s, d_rope]
+
+        let ckv = linear(x, &self.kv_a_proj_with_mqa, None)?;
+        let c_kv = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, r)?)?;
+        let k_pe = rope
+            .apply(
+                &ckv.narrow(D::Minus1, r, dr)?
+                    .reshape((b, 1, s, dr))?
+                    .contiguous()?,
+                offset,
+            )?
+            .reshape((b, s, dr))?;
+        let c_all = cache.latent.append(&c_kv)?; // [b, t, r]
+        let pe_all = cache.k_rope.append(&k_pe)?; // [b, t, d_rope]
+        let t = c_all.dim(1)?;
+
+        // W_UKV = kv_b_proj viewed as [h, d_nope + d_v, r].
+        let w = self.kv_b_proj.reshape((h, dn + dv, r))?;
+        let q_lat = q_nope
+            .matmul(&w.narrow(1, 0, dn)?)? // [h, b·s, r]
+            .reshape((h, b, s, r))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, h * s, r))?;
+        let scores = (q_lat.matmul(&c_all.transpose(1, 2)?)?
+            + q_pe
+                .reshape((b, h * s, dr))?
+                .matmul(&pe_all.transpose(1, 2)?)?)?;
+        let probs = causal_softmax(&scores.reshape((b, h, s, t))?, self.softmax_scale, offset)?;
+        let o_lat = probs
+            .reshape((b, h * s, t))?
+            .matmul(&c_all)? // [b, h·s, r]
+            .reshape((b, h, s, r))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((h, b * s, r))?;
+        let o = o_lat
+            .matmul(&w.narrow(1, dn, dv)?.transpose(1, 2)?)? // [h, b·s, d_v]
+            .reshape((h, b, s, dv))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((b, s, h * dv))?;
+        linear(&o, &self.o_proj, None)
+    }
+
+    /// The expanded form (training; the plain cache).
+    pub fn forward_expanded(
         &self,
         x: &Tensor,
         rope: &Rope,
@@ -107,18 +216,7 @@ impl Mla {
         let (b, s, _) = x.dims3()?;
         let m = &self.dims;
         let h = self.heads;
-        let q = match &self.q {
-            QueryProj::Full { q_proj } => linear(x, q_proj, None)?,
-            QueryProj::LowRank {
-                q_a_proj,
-                q_a_layernorm,
-                q_b_proj,
-            } => linear(
-                &q_a_layernorm.forward(&linear(x, q_a_proj, None)?)?,
-                q_b_proj,
-                None,
-            )?,
-        };
+        let q = self.query(x)?;
         let q = q.reshape((b, s, h, m.qk_head_dim()))?.transpose(1, 2)?; // [b, h, s, d_qk]
         let q_nope = q.narrow(D::Minus1, 0, m.qk_nope_head_dim)?;
         let q_pe = rope.apply(

@@ -114,7 +114,18 @@ impl CausalLm {
         })
     }
 
+    /// The fastest cache for this architecture: MLA's latent cache (absorbed decode) for
+    /// DeepSeek models, the plain k/v cache for GQA models.
     pub fn new_cache(&self) -> KvCache {
+        if self.cfg.mla.is_some() {
+            KvCache::new_latent(self.layers.len())
+        } else {
+            KvCache::new(self.layers.len())
+        }
+    }
+
+    /// The plain cache (full k and v per head): the reference the latent cache is tested against.
+    pub fn new_plain_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
     }
 
