@@ -5,6 +5,7 @@
 //! `tokenizer train`, `plot` (training curves). Without `--model`, the embedded default model at
 //! `models/default/` is used.
 
+mod bench;
 mod train_cmds;
 
 // candle allocates a fresh buffer for every op; glibc malloc's trimming and page faults cost
@@ -56,6 +57,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Measure prefill / decode throughput, time to first token, peak RSS and KV bytes per token.
+    Bench(bench::BenchArgs),
     /// Pretrain a DeepSeek-V3-architecture model (MLA, DeepSeekMoE, MTP) from a TOML config.
     Train(train_cmds::TrainArgs),
     /// Tokenizer tools.
@@ -482,6 +485,11 @@ fn main() {
         // would oversubscribe (tools/bench/train_speed.py). Set before candle's pools start.
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
+    if let Command::Bench(b) = &cli.cmd {
+        if let Some(n) = b.threads {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
     let r = match cli.cmd {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
@@ -491,6 +499,7 @@ fn main() {
             output,
         } => cmd_forward(model, token_ids, output),
         Command::Inspect { model, format } => cmd_inspect(model, format),
+        Command::Bench(b) => resolve_model(&b.model).and_then(|d| bench::cmd_bench(b, d)),
         Command::Train(a) => train_cmds::cmd_train(a),
         Command::Tokenizer(c) => train_cmds::cmd_tokenizer(c),
         Command::Plot { run_dir, out } => train_cmds::cmd_plot(run_dir, out),

@@ -1,0 +1,132 @@
+//! `fathom bench`: prefill and decode throughput of one model, llama-bench style (pp/tg), with
+//! time to first token, peak resident memory and KV-cache bytes per token.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use fathom_model::CausalLm;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompt tokens to prefill (pp).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode one at a time (tg).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// candle threads (sets RAYON_NUM_THREADS; must be given before any model code runs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Repetitions; the best is reported (machines are shared and noisy).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Use the plain k/v cache instead of MLA's latent cache.
+    #[arg(long)]
+    plain_cache: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident set size of this process (VmHWM), bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
+    let t_load = Instant::now();
+    let model = CausalLm::load(&dir, DType::F32, &Device::Cpu)?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let max = model.cfg.max_position_embeddings;
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 {
+        bail!("--prompt-tokens and --gen-tokens must be > 0");
+    }
+    if a.prompt_tokens + a.gen_tokens > max {
+        bail!(
+            "--prompt-tokens {} + --gen-tokens {} exceed the model's max_position_embeddings {max}",
+            a.prompt_tokens,
+            a.gen_tokens
+        );
+    }
+    let vocab = model.cfg.vocab_size as u32;
+    // A fixed pseudo-random prompt: the speed does not depend on the text.
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
+        .map(|i| ((i * 2_654_435_761 + 12_345) % vocab as u64) as u32)
+        .collect();
+    let (mut best_pp, mut best_tg, mut best_ttft) = (0f64, 0f64, f64::INFINITY);
+    let mut kv_bytes_per_token = 0usize;
+    for _ in 0..a.repeat.max(1) {
+        let mut cache = if a.plain_cache {
+            model.new_plain_cache()
+        } else {
+            model.new_cache()
+        };
+        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let t0 = Instant::now();
+        let logits = model.forward(&ids, 0, Some(&mut cache))?;
+        let mut next = logits.squeeze(0)?.get(a.prompt_tokens - 1)?.argmax(0)?;
+        let _ = next.to_scalar::<u32>()?;
+        let prefill = t0.elapsed().as_secs_f64();
+        best_pp = best_pp.max(a.prompt_tokens as f64 / prefill);
+        best_ttft = best_ttft.min(prefill * 1e3);
+        let t1 = Instant::now();
+        for i in 0..a.gen_tokens {
+            let tok = Tensor::new(&[next.to_scalar::<u32>()?], &Device::Cpu)?.unsqueeze(0)?;
+            let l = model.forward(&tok, a.prompt_tokens + i, Some(&mut cache))?;
+            next = l.flatten_all()?.argmax(0)?;
+        }
+        let _ = next.to_scalar::<u32>()?;
+        best_tg = best_tg.max(a.gen_tokens as f64 / t1.elapsed().as_secs_f64());
+        kv_bytes_per_token = cache.bytes() / cache.seq_len().max(1);
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let (total, active) = model.param_counts();
+    let report = json!({
+        "model": dir.display().to_string(),
+        "architecture": model.cfg.arch.model_type(),
+        "total_params": total,
+        "active_params": active,
+        "quant": "f32",
+        "threads": threads,
+        "cache": if a.plain_cache || model.cfg.mla.is_none() { "plain" } else { "latent" },
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "prefill_tok_s": best_pp,
+        "decode_tok_s": best_tg,
+        "ttft_ms": best_ttft,
+        "load_ms": load_ms,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "kv_bytes_per_token": kv_bytes_per_token,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} ({} params, {} active), {} threads, {} cache, f32 weights",
+            dir.display(),
+            total,
+            active,
+            threads,
+            report["cache"].as_str().unwrap_or("")
+        );
+        println!("pp{:<5} {:>10.1} tok/s", a.prompt_tokens, best_pp);
+        println!("tg{:<5} {:>10.1} tok/s", a.gen_tokens, best_tg);
+        println!(
+            "ttft    {:>10.1} ms (prefill of {} tokens)",
+            best_ttft, a.prompt_tokens
+        );
+        println!("load    {:>10.1} ms", load_ms);
+        if let Some(r) = peak_rss_bytes() {
+            println!("peak RSS {:>9.1} MB", r as f64 / 1e6);
+        }
+        println!("KV cache {:>9} bytes/token", kv_bytes_per_token);
+    }
+    Ok(())
+}
