@@ -25,6 +25,9 @@ pub struct BenchArgs {
     /// Repetitions; the best is reported (machines are shared and noisy).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Quantise projection weights while loading: q8_0, q6_k, q4_k, q4_0.
+    #[arg(long, value_parser = fathom_core::WeightQuant::parse)]
+    quant: Option<fathom_core::WeightQuant>,
     /// Use the plain k/v cache instead of MLA's latent cache.
     #[arg(long)]
     plain_cache: bool,
@@ -42,7 +45,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     let t_load = Instant::now();
-    let model = CausalLm::load(&dir, DType::F32, &Device::Cpu)?;
+    let model = CausalLm::load_quantized(&dir, DType::F32, &Device::Cpu, a.quant)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let max = model.cfg.max_position_embeddings;
     if a.prompt_tokens == 0 || a.gen_tokens == 0 {
@@ -93,7 +96,7 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "architecture": model.cfg.arch.model_type(),
         "total_params": total,
         "active_params": active,
-        "quant": "f32",
+        "quant": a.quant.map_or("f32", |q| q.name()),
         "threads": threads,
         "cache": if a.plain_cache || model.cfg.mla.is_none() { "plain" } else { "latent" },
         "prompt_tokens": a.prompt_tokens,
@@ -109,12 +112,13 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} ({} params, {} active), {} threads, {} cache, f32 weights",
+            "{} ({} params, {} active), {} threads, {} cache, {} weights",
             dir.display(),
             total,
             active,
             threads,
-            report["cache"].as_str().unwrap_or("")
+            report["cache"].as_str().unwrap_or(""),
+            report["quant"].as_str().unwrap_or("")
         );
         println!("pp{:<5} {:>10.1} tok/s", a.prompt_tokens, best_pp);
         println!("tg{:<5} {:>10.1} tok/s", a.gen_tokens, best_tg);

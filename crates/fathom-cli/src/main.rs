@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fathom_core::{ModelConfig, TextTokenizer};
+use fathom_core::{ModelConfig, TextTokenizer, WeightQuant};
 use fathom_engine::{generate, GenerateOptions, Generation, SamplingParams};
 use fathom_model::{param_counts, CausalLm};
 use serde_json::json;
@@ -160,6 +160,9 @@ struct GenerateArgs {
     /// System prompt (with --chat).
     #[arg(long)]
     system: Option<String>,
+    /// Quantise projection weights while loading: q8_0, q6_k, q4_k, q4_0.
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<WeightQuant>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -173,6 +176,9 @@ struct ChatArgs {
     /// Run one turn from these prompt ids (no template) and exit.
     #[arg(long, value_parser = parse_ids)]
     token_ids: Option<TokenIds>,
+    /// Quantise projection weights while loading: q8_0, q6_k, q4_k, q4_0.
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<WeightQuant>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -206,8 +212,16 @@ struct Loaded {
     tok: Option<TextTokenizer>,
 }
 
+fn parse_quant(s: &str) -> std::result::Result<WeightQuant, String> {
+    WeightQuant::parse(s)
+}
+
 fn load(dir: &Path) -> Result<Loaded> {
-    let model = CausalLm::load(dir, DType::F32, &Device::Cpu)?;
+    load_with(dir, None)
+}
+
+fn load_with(dir: &Path, quant: Option<WeightQuant>) -> Result<Loaded> {
+    let model = CausalLm::load_quantized(dir, DType::F32, &Device::Cpu, quant)?;
     let tok = if dir.join("tokenizer.json").is_file() {
         let mut t = TextTokenizer::from_dir(dir)?;
         t.add_eos_ids(&model.cfg.eos_token_ids);
@@ -271,7 +285,7 @@ fn print_json(g: &Generation) {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let dir = resolve_model(&a.model)?;
-    let l = load(&dir)?;
+    let l = load_with(&dir, a.quant)?;
     let prompt: Vec<u32> = match (&a.token_ids, &a.prompt) {
         (Some(ids), _) => ids.0.clone(),
         (None, Some(text)) => {
@@ -303,7 +317,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let dir = resolve_model(&a.model)?;
-    let l = load(&dir)?;
+    let l = load_with(&dir, a.quant)?;
     let stream = a.sampling.format == Format::Text;
     if let Some(ids) = &a.token_ids {
         let g = run_generation(&l, &ids.0, &a.sampling, stream)?;

@@ -138,6 +138,41 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The parsed file, kept so a checkpoint written back carries every field it came with.
     pub raw: Value,
+    /// Runtime choice, not part of config.json: quantise projection weights to this llama.cpp
+    /// format while loading (see `fathom_model::linear`).
+    pub weight_quant: Option<WeightQuant>,
+}
+
+/// Quantised weight formats (llama.cpp's GGML block formats) Fathom can hold projections in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightQuant {
+    Q8_0,
+    Q4_0,
+    Q4K,
+    Q6K,
+}
+
+impl WeightQuant {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(WeightQuant::Q8_0),
+            "q4_0" => Ok(WeightQuant::Q4_0),
+            "q4_k" | "q4k" => Ok(WeightQuant::Q4K),
+            "q6_k" | "q6k" => Ok(WeightQuant::Q6K),
+            other => Err(format!(
+                "unknown quantisation {other:?} (choose q8_0, q6_k, q4_k, q4_0)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightQuant::Q8_0 => "q8_0",
+            WeightQuant::Q4_0 => "q4_0",
+            WeightQuant::Q4K => "q4_k",
+            WeightQuant::Q6K => "q6_k",
+        }
+    }
 }
 
 impl ModelConfig {
@@ -384,6 +419,7 @@ impl ModelConfig {
             bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
             eos_token_ids,
             raw: raw.clone(),
+            weight_quant: None,
         };
         if let Some(act) = f.opt_str("hidden_act")? {
             if act != "silu" {

@@ -14,6 +14,7 @@ pub mod weights;
 
 pub use config::{
     Architecture, MlaConfig, ModelConfig, MoeConfig, RopeScaling, ScoringFunc, TopkMethod,
+    WeightQuant,
 };
 pub use error::{FathomError, Result};
 pub use tokenizer::{

@@ -2,7 +2,8 @@
 //! Qwen2/Llama (q/k/v projections, optional qkv bias, half-split rope, shared KV heads).
 
 use crate::cache::LayerCache;
-use crate::ops::{linear, softmax_last};
+use crate::linear::Linear;
+use crate::ops::softmax_last;
 use crate::rope::Rope;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -81,36 +82,13 @@ pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 
 #[derive(Debug, Clone)]
 pub struct GqaAttention {
-    q_proj: (Tensor, Option<Tensor>),
-    k_proj: (Tensor, Option<Tensor>),
-    v_proj: (Tensor, Option<Tensor>),
-    o_proj: (Tensor, Option<Tensor>),
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-}
-
-fn proj(
-    vb: &VarBuilder,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let w = vb.pp(name).get_with_hints(
-        (out, inp),
-        "weight",
-        candle_nn::init::DEFAULT_KAIMING_NORMAL,
-    )?;
-    let b = if bias {
-        Some(
-            vb.pp(name)
-                .get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?,
-        )
-    } else {
-        None
-    };
-    Ok((w, b))
 }
 
 impl GqaAttention {
@@ -121,11 +99,12 @@ impl GqaAttention {
             cfg.head_dim,
             cfg.hidden_size,
         );
+        let q = cfg.weight_quant;
         Ok(GqaAttention {
-            q_proj: proj(&vb, "q_proj", h * d, hid, cfg.qkv_bias)?,
-            k_proj: proj(&vb, "k_proj", kvh * d, hid, cfg.qkv_bias)?,
-            v_proj: proj(&vb, "v_proj", kvh * d, hid, cfg.qkv_bias)?,
-            o_proj: proj(&vb, "o_proj", hid, h * d, cfg.o_bias)?,
+            q_proj: Linear::load(vb.pp("q_proj"), h * d, hid, cfg.qkv_bias, q)?,
+            k_proj: Linear::load(vb.pp("k_proj"), kvh * d, hid, cfg.qkv_bias, q)?,
+            v_proj: Linear::load(vb.pp("v_proj"), kvh * d, hid, cfg.qkv_bias, q)?,
+            o_proj: Linear::load(vb.pp("o_proj"), hid, h * d, cfg.o_bias, q)?,
             heads: h,
             kv_heads: kvh,
             head_dim: d,
@@ -141,18 +120,9 @@ impl GqaAttention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let shape = |t: Tensor, h: usize| t.reshape((b, s, h, self.head_dim))?.transpose(1, 2);
-        let q = shape(
-            linear(x, &self.q_proj.0, self.q_proj.1.as_ref())?,
-            self.heads,
-        )?;
-        let k = shape(
-            linear(x, &self.k_proj.0, self.k_proj.1.as_ref())?,
-            self.kv_heads,
-        )?;
-        let v = shape(
-            linear(x, &self.v_proj.0, self.v_proj.1.as_ref())?,
-            self.kv_heads,
-        )?;
+        let q = shape(self.q_proj.forward(x)?, self.heads)?;
+        let k = shape(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = shape(self.v_proj.forward(x)?, self.kv_heads)?;
         let q = rope.apply(&q.contiguous()?, offset)?;
         let k = rope.apply(&k.contiguous()?, offset)?;
         let rep = self.heads / self.kv_heads;
@@ -161,6 +131,6 @@ impl GqaAttention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;
-        linear(&out, &self.o_proj.0, self.o_proj.1.as_ref())
+        self.o_proj.forward(&out)
     }
 }

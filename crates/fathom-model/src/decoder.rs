@@ -48,6 +48,7 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 cfg.mlp_bias,
+                cfg.weight_quant,
             )?)
         };
         Ok(DecoderLayer {

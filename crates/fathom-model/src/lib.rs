@@ -12,6 +12,7 @@ pub mod attention;
 pub mod cache;
 pub mod decoder;
 pub mod fused;
+pub mod linear;
 pub mod mla;
 pub mod mlp;
 pub mod model;

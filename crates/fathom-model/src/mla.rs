@@ -15,6 +15,7 @@
 
 use crate::attention::{attend_cached, causal_softmax};
 use crate::cache::LayerCache;
+use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::ops::linear;
 use crate::rope::{yarn_mscale, Rope};
@@ -25,22 +26,23 @@ use fathom_core::{MlaConfig, ModelConfig, RopeScaling};
 #[derive(Debug, Clone)]
 pub enum QueryProj {
     /// V2-Lite: one projection.
-    Full { q_proj: Tensor },
+    Full { q_proj: Linear },
     /// V2/V3: low-rank down-projection, norm, up-projection.
     LowRank {
-        q_a_proj: Tensor,
+        q_a_proj: Linear,
         q_a_layernorm: RmsNorm,
-        q_b_proj: Tensor,
+        q_b_proj: Linear,
     },
 }
 
 #[derive(Debug, Clone)]
 pub struct Mla {
     pub q: QueryProj,
-    pub kv_a_proj_with_mqa: Tensor,
+    pub kv_a_proj_with_mqa: Linear,
     pub kv_a_layernorm: RmsNorm,
+    /// Kept dense: the absorbed decode reads W_UK / W_UV as views of it.
     pub kv_b_proj: Tensor,
-    pub o_proj: Tensor,
+    pub o_proj: Linear,
     pub dims: MlaConfig,
     pub heads: usize,
     pub softmax_scale: f64,
@@ -74,19 +76,22 @@ impl Mla {
                 candle_nn::init::DEFAULT_KAIMING_NORMAL,
             )
         };
+        let lin = |name: &str, out: usize, inp: usize| {
+            Linear::load(vb.pp(name), out, inp, false, cfg.weight_quant)
+        };
         let q = match m.q_lora_rank {
             None => QueryProj::Full {
-                q_proj: w("q_proj", h * m.qk_head_dim(), hid)?,
+                q_proj: lin("q_proj", h * m.qk_head_dim(), hid)?,
             },
             Some(r) => QueryProj::LowRank {
-                q_a_proj: w("q_a_proj", r, hid)?,
+                q_a_proj: lin("q_a_proj", r, hid)?,
                 q_a_layernorm: RmsNorm::load(vb.pp("q_a_layernorm"), r, 1e-6)?,
-                q_b_proj: w("q_b_proj", h * m.qk_head_dim(), r)?,
+                q_b_proj: lin("q_b_proj", h * m.qk_head_dim(), r)?,
             },
         };
         Ok(Mla {
             q,
-            kv_a_proj_with_mqa: w(
+            kv_a_proj_with_mqa: lin(
                 "kv_a_proj_with_mqa",
                 m.kv_lora_rank + m.qk_rope_head_dim,
                 hid,
@@ -97,7 +102,7 @@ impl Mla {
                 h * (m.qk_nope_head_dim + m.v_head_dim),
                 m.kv_lora_rank,
             )?,
-            o_proj: w("o_proj", hid, h * m.v_head_dim)?,
+            o_proj: lin("o_proj", hid, h * m.v_head_dim)?,
             softmax_scale: mla_softmax_scale(cfg),
             dims: m,
             heads: h,
@@ -107,16 +112,12 @@ impl Mla {
     /// Queries [b, s, h·d_qk].
     fn query(&self, x: &Tensor) -> Result<Tensor> {
         match &self.q {
-            QueryProj::Full { q_proj } => linear(x, q_proj, None),
+            QueryProj::Full { q_proj } => q_proj.forward(x),
             QueryProj::LowRank {
                 q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
-            } => linear(
-                &q_a_layernorm.forward(&linear(x, q_a_proj, None)?)?,
-                q_b_proj,
-                None,
-            ),
+            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?),
         }
     }
 
@@ -162,7 +163,7 @@ impl Mla {
             offset,
         )?; // [b, h, s, d_rope]
 
-        let ckv = linear(x, &self.kv_a_proj_with_mqa, None)?;
+        let ckv = self.kv_a_proj_with_mqa.forward(x)?;
         let c_kv = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, r)?)?;
         let k_pe = rope
             .apply(
@@ -202,7 +203,7 @@ impl Mla {
             .permute((1, 2, 0, 3))?
             .contiguous()?
             .reshape((b, s, h * dv))?;
-        linear(&o, &self.o_proj, None)
+        self.o_proj.forward(&o)
     }
 
     /// The expanded form (training; the plain cache).
@@ -225,7 +226,7 @@ impl Mla {
             offset,
         )?;
 
-        let ckv = linear(x, &self.kv_a_proj_with_mqa, None)?; // [b, s, r_kv + d_rope]
+        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [b, s, r_kv + d_rope]
         let c_kv = self
             .kv_a_layernorm
             .forward(&ckv.narrow(D::Minus1, 0, m.kv_lora_rank)?)?;
@@ -249,6 +250,6 @@ impl Mla {
 
         let out = attend_cached(&q, k, v, 1, self.softmax_scale, offset, cache)?; // [b, h, s, d_v]
         let out = out.transpose(1, 2)?.reshape((b, s, h * m.v_head_dim))?;
-        linear(&out, &self.o_proj, None)
+        self.o_proj.forward(&out)
     }
 }

@@ -1,48 +1,37 @@
 //! The SwiGLU feed-forward block: down(silu(gate(x)) ⊙ up(x)). Dense layers, each routed expert and
 //! the shared experts of DeepSeekMoE are all this block.
 
-use crate::ops::{linear, silu};
+use crate::linear::Linear;
+use crate::ops::silu;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use fathom_core::WeightQuant;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_proj: Tensor,
-    pub up_proj: Tensor,
-    pub down_proj: Tensor,
-    pub bias: Option<[Tensor; 3]>,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
 impl Mlp {
-    pub fn load(vb: VarBuilder, hidden: usize, inter: usize, bias: bool) -> Result<Self> {
-        let w = |name: &str, shape: (usize, usize)| {
-            vb.pp(name)
-                .get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)
-        };
-        let bias = if bias {
-            Some([
-                vb.pp("gate_proj")
-                    .get_with_hints(inter, "bias", candle_nn::Init::Const(0.0))?,
-                vb.pp("up_proj")
-                    .get_with_hints(inter, "bias", candle_nn::Init::Const(0.0))?,
-                vb.pp("down_proj")
-                    .get_with_hints(hidden, "bias", candle_nn::Init::Const(0.0))?,
-            ])
-        } else {
-            None
-        };
+    pub fn load(
+        vb: VarBuilder,
+        hidden: usize,
+        inter: usize,
+        bias: bool,
+        quant: Option<WeightQuant>,
+    ) -> Result<Self> {
         Ok(Mlp {
-            gate_proj: w("gate_proj", (inter, hidden))?,
-            up_proj: w("up_proj", (inter, hidden))?,
-            down_proj: w("down_proj", (hidden, inter))?,
-            bias,
+            gate_proj: Linear::load(vb.pp("gate_proj"), inter, hidden, bias, quant)?,
+            up_proj: Linear::load(vb.pp("up_proj"), inter, hidden, bias, quant)?,
+            down_proj: Linear::load(vb.pp("down_proj"), hidden, inter, bias, quant)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let b = self.bias.as_ref();
-        let g = silu(&linear(x, &self.gate_proj, b.map(|b| &b[0]))?)?;
-        let u = linear(x, &self.up_proj, b.map(|b| &b[1]))?;
-        linear(&(g * u)?, &self.down_proj, b.map(|b| &b[2]))
+        let g = silu(&self.gate_proj.forward(x)?)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(g * u)?)
     }
 }

@@ -96,7 +96,19 @@ impl CausalLm {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, FathomError> {
-        let cfg = ModelConfig::from_path(dir)?;
+        Self::load_quantized(dir, dtype, device, None)
+    }
+
+    /// As `load`, quantising every projection (attention, MLPs, experts, MTP `eh_proj`) to `quant`
+    /// tensor by tensor as it is read; embeddings, head, norms and routers stay in `dtype`.
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quant: Option<fathom_core::WeightQuant>,
+    ) -> std::result::Result<Self, FathomError> {
+        let mut cfg = ModelConfig::from_path(dir)?;
+        cfg.weight_quant = quant;
         let mut store = WeightStore::open(dir)?;
         if let Some(q) = &cfg.quantization {
             store = store.with_fp8_block(q.weight_block_size);

@@ -167,6 +167,7 @@ impl Moe {
                     cfg.hidden_size,
                     m.moe_intermediate_size,
                     false,
+                    cfg.weight_quant,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -176,6 +177,7 @@ impl Moe {
                 cfg.hidden_size,
                 m.moe_intermediate_size * m.n_shared_experts,
                 false,
+                cfg.weight_quant,
             )?)
         } else {
             None

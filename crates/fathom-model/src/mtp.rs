@@ -8,9 +8,9 @@
 
 use crate::cache::LayerCache;
 use crate::decoder::DecoderLayer;
+use crate::linear::Linear;
 use crate::moe::Routing;
 use crate::norm::RmsNorm;
-use crate::ops::linear;
 use crate::rope::Rope;
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -20,7 +20,7 @@ use fathom_core::ModelConfig;
 pub struct MtpModule {
     pub enorm: RmsNorm,
     pub hnorm: RmsNorm,
-    pub eh_proj: Tensor,
+    pub eh_proj: Linear,
     pub block: DecoderLayer,
     pub shared_head_norm: RmsNorm,
 }
@@ -32,11 +32,7 @@ impl MtpModule {
         Ok(MtpModule {
             enorm: RmsNorm::load(vb.pp("enorm"), d, cfg.rms_norm_eps)?,
             hnorm: RmsNorm::load(vb.pp("hnorm"), d, cfg.rms_norm_eps)?,
-            eh_proj: vb.pp("eh_proj").get_with_hints(
-                (d, 2 * d),
-                "weight",
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            )?,
+            eh_proj: Linear::load(vb.pp("eh_proj"), d, 2 * d, false, cfg.weight_quant)?,
             block: DecoderLayer::load(vb.clone(), cfg, layer_idx)?,
             shared_head_norm: RmsNorm::load(vb.pp("shared_head").pp("norm"), d, cfg.rms_norm_eps)?,
         })
@@ -72,7 +68,7 @@ impl MtpModule {
             ],
             D::Minus1,
         )?;
-        let h = linear(&cat, &self.eh_proj, None)?;
+        let h = self.eh_proj.forward(&cat)?;
         let (h, routing) = self.block.forward(&h, rope, offset, cache)?;
         Ok((self.shared_head_norm.forward(&h)?, routing))
     }

@@ -1,0 +1,114 @@
+//! A projection y = x Wᵀ (+ b) whose weight is either a dense tensor (training, f32 inference) or a
+//! llama.cpp block-quantised matrix (q8_0, q6_k, q4_k, q4_0) multiplied by candle's quantised CPU
+//! kernels. Quantisation happens tensor by tensor while loading, so a model is never held in f32
+//! as a whole. A format whose block does not divide the input dimension falls back to q8_0
+//! (32-wide blocks), else stays f32, as llama.cpp does for odd shapes.
+
+use crate::ops::linear;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use fathom_core::WeightQuant;
+
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quantized { matmul: QMatMul, format: GgmlDType },
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+}
+
+fn ggml(q: WeightQuant) -> GgmlDType {
+    match q {
+        WeightQuant::Q8_0 => GgmlDType::Q8_0,
+        WeightQuant::Q4_0 => GgmlDType::Q4_0,
+        WeightQuant::Q4K => GgmlDType::Q4K,
+        WeightQuant::Q6K => GgmlDType::Q6K,
+    }
+}
+
+/// Quantise a dense [out, in] weight, falling back to q8_0 or f32 when blocks do not fit.
+pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
+    let inp = w.dim(1)?;
+    for format in [ggml(quant), GgmlDType::Q8_0] {
+        if inp % format.block_size() == 0 {
+            let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, format)?;
+            return Ok(Weight::Quantized {
+                matmul: QMatMul::from_qtensor(q)?,
+                format,
+            });
+        }
+    }
+    Ok(Weight::Dense(w))
+}
+
+impl Linear {
+    /// Load `{vb}.weight` [out, in] (and `{vb}.bias` [out] when `bias`), quantised when `quant`.
+    pub fn load(
+        vb: VarBuilder,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        quant: Option<WeightQuant>,
+    ) -> Result<Self> {
+        let w = vb.get_with_hints(
+            (out, inp),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?)
+        } else {
+            None
+        };
+        let weight = match quant {
+            Some(q) => quantize_weight(w, q)?,
+            None => Weight::Dense(w),
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => linear(x, w, self.bias.as_ref()),
+            Weight::Quantized { matmul, .. } => {
+                let y = matmul.forward(&x.contiguous()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// The dense weight, when not quantised (training reads it).
+    pub fn dense(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized { .. } => None,
+        }
+    }
+
+    /// (format name, bytes held) for reporting.
+    pub fn storage(&self) -> (String, usize) {
+        match &self.weight {
+            Weight::Dense(w) => (
+                format!("{:?}", w.dtype()).to_lowercase(),
+                w.elem_count() * w.dtype().size_in_bytes(),
+            ),
+            Weight::Quantized { matmul, format } => {
+                let bytes = match matmul {
+                    QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                        t.elem_count() * t.dtype().size_in_bytes()
+                    }
+                };
+                (format!("{format:?}").to_lowercase(), bytes)
+            }
+        }
+    }
+}
