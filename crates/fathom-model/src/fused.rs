@@ -105,70 +105,58 @@ fn log_softmax_grad_rows<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
     out
 }
 
-struct SoftmaxLast;
-struct LogSoftmaxLast;
-struct SoftmaxGrad;
-struct LogSoftmaxGrad;
+/// A row-wise op `$op` (forward kernel `$fwd` over rows of the last dim) whose backward is the
+/// row-wise op `$grad` (kernel `$bwd` over (y, g)).
+macro_rules! row_op {
+    ($op:ident, $name:literal, $fwd:ident, $grad:ident, $grad_name:literal, $bwd:ident) => {
+        struct $op;
+        struct $grad;
 
-impl CustomOp1 for SoftmaxLast {
-    fn name(&self) -> &'static str {
-        "fathom-softmax-last"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((dispatch1!(s, l, softmax_rows), l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
-    }
+        impl CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+                Ok((dispatch1!(s, l, $fwd), l.shape().clone()))
+            }
+            fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+                Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &$grad)?))
+            }
+        }
+
+        impl CustomOp2 for $grad {
+            fn name(&self) -> &'static str {
+                $grad_name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                Ok((dispatch2!(s1, l1, s2, l2, $bwd), l1.shape().clone()))
+            }
+        }
+    };
 }
 
-impl CustomOp1 for LogSoftmaxLast {
-    fn name(&self) -> &'static str {
-        "fathom-log-softmax-last"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((dispatch1!(s, l, log_softmax_rows), l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &LogSoftmaxGrad)?))
-    }
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "fathom-softmax-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            dispatch2!(s1, l1, s2, l2, softmax_grad_rows),
-            l1.shape().clone(),
-        ))
-    }
-}
-
-impl CustomOp2 for LogSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "fathom-log-softmax-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            dispatch2!(s1, l1, s2, l2, log_softmax_grad_rows),
-            l1.shape().clone(),
-        ))
-    }
-}
+row_op!(
+    SoftmaxLast,
+    "fathom-softmax-last",
+    softmax_rows,
+    SoftmaxGrad,
+    "fathom-softmax-grad",
+    softmax_grad_rows
+);
+row_op!(
+    LogSoftmaxLast,
+    "fathom-log-softmax-last",
+    log_softmax_rows,
+    LogSoftmaxGrad,
+    "fathom-log-softmax-grad",
+    log_softmax_grad_rows
+);
 
 /// RMSNorm forward over rows of x with weight w and epsilon eps.
 struct RmsNormOp {
