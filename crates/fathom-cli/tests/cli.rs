@@ -365,3 +365,88 @@ fn tokenizer_train_writes_a_loadable_deepseek_tokenizer() {
     assert_eq!(t.vocab_size(), 400);
     assert!(t.chat_template.is_some());
 }
+
+#[test]
+fn bench_reports_the_llama_bench_keys_and_latent_kv_bytes() {
+    let (ok, out, err) = fathom(&[
+        "bench",
+        "--model",
+        "fixtures/deepseek_v3_tiny",
+        "--prompt-tokens",
+        "32",
+        "--gen-tokens",
+        "8",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_bytes"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    // The latent cache: (kv_lora_rank 64 + rope 16) · 3 layers · 4 bytes, as inspect reports.
+    assert_eq!(v["kv_bytes_per_token"], 960);
+    assert_eq!(v["cache"], "latent");
+    let (ok, out, err) = fathom(&[
+        "bench",
+        "--model",
+        "fixtures/deepseek_v3_tiny",
+        "--prompt-tokens",
+        "32",
+        "--gen-tokens",
+        "8",
+        "--repeat",
+        "1",
+        "--json",
+        "--plain-cache",
+        "--quant",
+        "q8_0",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kv_bytes_per_token"], 3840);
+    assert_eq!(v["quant"], "q8_0");
+    let (ok, _, err) = fathom(&[
+        "bench",
+        "--model",
+        "fixtures/deepseek_v3_tiny",
+        "--prompt-tokens",
+        "600",
+    ]);
+    assert!(!ok && err.contains("max_position_embeddings"), "{err}");
+    let (ok, _, err) = fathom(&["generate", "--prompt", "hi", "--quant", "q3_x"]);
+    assert!(!ok && err.contains("unknown quantisation"), "{err}");
+}
+
+#[test]
+fn quantised_generation_reproduces_f32_greedy_tokens_on_the_fixture() {
+    let prompt = reference_ids("deepseek_v3_tiny", "prompt_0");
+    let want = reference_ids("deepseek_v3_tiny", "greedy_0");
+    let (ok, out, err) = fathom(&[
+        "generate",
+        "--model",
+        "fixtures/deepseek_v3_tiny",
+        "--token-ids",
+        &ids_arg(&prompt),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--format",
+        "json",
+        "--quant",
+        "q8_0",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let got: Vec<u32> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    // q8_0 keeps the first greedy tokens of the f32 reference.
+    assert_eq!(got[..4], want[..4]);
+}
