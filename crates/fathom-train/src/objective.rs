@@ -26,6 +26,20 @@ pub struct LossParts {
     pub routings: Vec<(usize, Routing)>,
 }
 
+impl LossParts {
+    /// Mean of the MTP losses L_k (None without MTP modules).
+    pub fn mtp_mean(&self) -> Result<Option<f64>> {
+        if self.mtp.is_empty() {
+            return Ok(None);
+        }
+        let mut s = 0.0;
+        for l in &self.mtp {
+            s += scalar(l)?;
+        }
+        Ok(Some(s / self.mtp.len() as f64))
+    }
+}
+
 /// Mean cross-entropy of logits [b, s, V] against targets [b, s] (u32), over positions where
 /// `mask` [b, s] is 1 (all positions when None).
 pub fn masked_cross_entropy(

@@ -210,12 +210,8 @@ pub fn evaluate(
         let parts = pretrain_loss(model, &t, None, 0.0, 0.0)?;
         let w = chunk.len() as f64;
         lm += scalar(&parts.lm)? * w;
-        if !parts.mtp.is_empty() {
-            let mut s = 0.0;
-            for l in &parts.mtp {
-                s += scalar(l)?;
-            }
-            mtp += s / parts.mtp.len() as f64 * w;
+        if let Some(m) = parts.mtp_mean()? {
+            mtp += m * w;
         }
         if let Some(m) = &model.cfg.moe {
             for (layer, r) in &parts.routings {
@@ -611,15 +607,7 @@ fn shard_step(
         cfg.mtp.loss_weight,
         cfg.balance.seq_aux_alpha,
     )?;
-    let mtp = if parts.mtp.is_empty() {
-        None
-    } else {
-        let mut s = 0.0;
-        for l in &parts.mtp {
-            s += scalar(l)?;
-        }
-        Some(s / parts.mtp.len() as f64)
-    };
+    let mtp = parts.mtp_mean()?;
     let mut loads = BTreeMap::new();
     if let Some(m) = moe {
         for (layer, r) in &parts.routings {
