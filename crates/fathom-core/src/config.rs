@@ -49,6 +49,9 @@ pub enum RopeScaling {
     },
     /// Position interpolation: every frequency divided by `factor`.
     Linear { factor: f64 },
+    /// Frequency i divided by `factors[i]`: llama.cpp's `rope_freqs` tensor (how GGUF files carry
+    /// Llama 3 scaling).
+    FreqFactors { factors: Vec<f64> },
 }
 
 /// Multi-head latent attention shapes (DeepSeek-V2/V3).
@@ -138,9 +141,25 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The parsed file, kept so a checkpoint written back carries every field it came with.
     pub raw: Value,
-    /// Runtime choice, not part of config.json: quantise projection weights to this llama.cpp
-    /// format while loading (see `fathom_model::linear`).
-    pub weight_quant: Option<WeightQuant>,
+    /// Runtime choice, not part of config.json: how projection weights are held (see
+    /// `fathom_model::linear`).
+    pub weights: WeightPlan,
+}
+
+/// Block-quantised weights as a file stores them (GGUF), handed to projections unchanged.
+pub trait QuantizedSource: Send + Sync + std::fmt::Debug {
+    /// Tensor `name` (HF naming, [out, in]) in its stored block format, or `None` when the file
+    /// holds it as floats (or not at all): the caller then reads it as a dense tensor.
+    fn quantized(&self, name: &str) -> Result<Option<candle_core::quantized::QTensor>>;
+}
+
+/// How projection weights are held at runtime.
+#[derive(Debug, Clone, Default)]
+pub struct WeightPlan {
+    /// Quantise float weights to this llama.cpp format while loading.
+    pub quantize: Option<WeightQuant>,
+    /// Weights already stored block-quantised: used as stored, never expanded to f32.
+    pub stored: Option<std::sync::Arc<dyn QuantizedSource>>,
 }
 
 /// Quantised weight formats (llama.cpp's GGML block formats) Fathom can hold projections in.
@@ -419,7 +438,7 @@ impl ModelConfig {
             bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
             eos_token_ids,
             raw: raw.clone(),
-            weight_quant: None,
+            weights: WeightPlan::default(),
         };
         if let Some(act) = f.opt_str("hidden_act")? {
             if act != "silu" {

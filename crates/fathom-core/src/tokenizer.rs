@@ -193,6 +193,132 @@ impl TextTokenizer {
         })
     }
 
+    /// Build from a GGUF file's `tokenizer.*` metadata (llama.cpp's `gpt2` model: byte-level BPE).
+    /// The pre-tokenizer is chosen by `tokenizer.ggml.pre`, as llama.cpp does.
+    pub fn from_gguf_metadata(
+        meta: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+        file: &Path,
+    ) -> Result<Self> {
+        use candle_core::quantized::gguf_file::Value as G;
+        let bad = |msg: String| FathomError::Tokenizer {
+            file: file.to_path_buf(),
+            msg,
+        };
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match meta.get(key) {
+                Some(G::Array(a)) => a
+                    .iter()
+                    .map(|v| match v {
+                        G::String(s) => Ok(s.clone()),
+                        _ => Err(bad(format!("`{key}`: expected strings"))),
+                    })
+                    .collect(),
+                _ => Err(bad(format!("`{key}` missing"))),
+            }
+        };
+        let model = match meta.get("tokenizer.ggml.model") {
+            Some(G::String(m)) => m.clone(),
+            _ => return Err(bad("`tokenizer.ggml.model` missing".into())),
+        };
+        if model != "gpt2" {
+            return Err(bad(format!(
+                "tokenizer model {model:?} is not supported from GGUF metadata (only byte-level BPE, \"gpt2\"); put the model's tokenizer.json beside the file"
+            )));
+        }
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match meta.get("tokenizer.ggml.token_type") {
+            Some(G::Array(a)) => a
+                .iter()
+                .map(|v| v.to_i32().map(i64::from).unwrap_or(1))
+                .collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let pre = match meta.get("tokenizer.ggml.pre") {
+            Some(G::String(p)) => p.clone(),
+            _ => "default".into(),
+        };
+        let byte_level = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let split = |re: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        // Split regexes as llama.cpp's llama-vocab.cpp and the original tokenizer.json files.
+        const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        const DEEPSEEK_V3: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
+        let pre_tokenizer = match pre.as_str() {
+            "default" | "gpt-2" => byte_level(true),
+            "qwen2" | "deepseek-r1-qwen" => serde_json::json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
+            "llama-bpe" | "llama3" => serde_json::json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}),
+            "deepseek-v3" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                split(r"\p{N}{1,3}"), split("[一-龥぀-ゟ゠-ヿ]+"), split(DEEPSEEK_V3), byte_level(false)]}),
+            other => {
+                return Err(bad(format!(
+                    "pre-tokenizer {other:?} is not supported (gpt-2, qwen2, deepseek-r1-qwen, llama-bpe, deepseek-v3); put the model's tokenizer.json beside the file"
+                )))
+            }
+        };
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (id, tok) in tokens.iter().enumerate() {
+            vocab.entry(tok.clone()).or_insert(serde_json::json!(id));
+            // 3 = control, 4 = user-defined (llama.cpp's token types): matched before BPE.
+            let ty = types.get(id).copied().unwrap_or(1);
+            if ty == 3 || ty == 4 {
+                added.push(
+                    serde_json::json!({"id": id, "content": tok, "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": ty == 3}),
+                );
+            }
+        }
+        let spec = serde_json::json!({
+            "version": "1.0",
+            "truncation": null, "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": byte_level(true),
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+            bad(format!(
+                "cannot build the tokenizer from GGUF metadata: {e}"
+            ))
+        })?;
+        let id = |key: &str| meta.get(key).and_then(|v| v.to_u32().ok());
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let name = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize).cloned());
+        let bos_token = name(bos_id);
+        let eos_token = name(eos_id);
+        let chat_template = match meta.get("tokenizer.chat_template") {
+            Some(G::String(src)) => Some(
+                ChatTemplate::new(
+                    src,
+                    bos_token.as_deref().unwrap_or(""),
+                    eos_token.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| bad(format!("`tokenizer.chat_template`: {e}")))?,
+            ),
+            _ => None,
+        };
+        let add_bos = matches!(
+            meta.get("tokenizer.ggml.add_bos_token"),
+            Some(G::Bool(true))
+        );
+        Ok(TextTokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            bos_id,
+            eos_ids: eos_id.into_iter().collect(),
+            add_bos,
+            chat_template,
+            file: file.to_path_buf(),
+        })
+    }
+
     pub fn add_eos_ids(&mut self, ids: &[u32]) {
         for &i in ids {
             if !self.eos_ids.contains(&i) {

@@ -99,7 +99,7 @@ impl GqaAttention {
             cfg.head_dim,
             cfg.hidden_size,
         );
-        let q = cfg.weight_quant;
+        let q = &cfg.weights;
         Ok(GqaAttention {
             q_proj: Linear::load(vb.pp("q_proj"), h * d, hid, cfg.qkv_bias, q)?,
             k_proj: Linear::load(vb.pp("k_proj"), kvh * d, hid, cfg.qkv_bias, q)?,

@@ -48,7 +48,7 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 cfg.mlp_bias,
-                cfg.weight_quant,
+                &cfg.weights,
             )?)
         };
         Ok(DecoderLayer {

@@ -2,13 +2,14 @@
 //! llama.cpp block-quantised matrix (q8_0, q6_k, q4_k, q4_0) multiplied by candle's quantised CPU
 //! kernels. Quantisation happens tensor by tensor while loading, so a model is never held in f32
 //! as a whole. A format whose block does not divide the input dimension falls back to q8_0
-//! (32-wide blocks), else stays f32, as llama.cpp does for odd shapes.
+//! (32-wide blocks), else stays f32, as llama.cpp does for odd shapes. Weights a GGUF file already
+//! stores block-quantised are used as stored ([`WeightPlan::stored`]).
 
 use crate::ops::linear;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use fathom_core::WeightQuant;
+use fathom_core::{WeightPlan, WeightQuant};
 
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -32,6 +33,10 @@ fn ggml(q: WeightQuant) -> GgmlDType {
 }
 
 /// Quantise a dense [out, in] weight, falling back to q8_0 or f32 when blocks do not fit.
+pub fn ggml_format(q: WeightQuant) -> GgmlDType {
+    ggml(q)
+}
+
 pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
     let inp = w.dim(1)?;
     for format in [ggml(quant), GgmlDType::Q8_0] {
@@ -47,29 +52,59 @@ pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
 }
 
 impl Linear {
-    /// Load `{vb}.weight` [out, in] (and `{vb}.bias` [out] when `bias`), quantised when `quant`.
+    /// Load `{vb}.weight` [out, in] (and `{vb}.bias` [out] when `bias`): as stored when the file
+    /// holds it block-quantised, else dense, quantised when the plan says so.
     pub fn load(
         vb: VarBuilder,
         out: usize,
         inp: usize,
         bias: bool,
-        quant: Option<WeightQuant>,
+        plan: &WeightPlan,
     ) -> Result<Self> {
-        let w = vb.get_with_hints(
-            (out, inp),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
         let bias = if bias {
             Some(vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?)
         } else {
             None
         };
-        let weight = match quant {
+        if let Some(stored) = &plan.stored {
+            let name = format!("{}.weight", vb.prefix());
+            let q = stored
+                .quantized(&name)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            if let Some(q) = q {
+                if q.shape().dims() != [out, inp] {
+                    candle_core::bail!(
+                        "tensor `{name}`: stored shape {:?}, the config implies [{out}, {inp}]",
+                        q.shape().dims()
+                    );
+                }
+                let format = q.dtype();
+                return Ok(Linear {
+                    weight: Weight::Quantized {
+                        matmul: QMatMul::from_qtensor(q)?,
+                        format,
+                    },
+                    bias,
+                });
+            }
+        }
+        let w = vb.get_with_hints(
+            (out, inp),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let weight = match plan.quantize {
             Some(q) => quantize_weight(w, q)?,
             None => Weight::Dense(w),
         };
         Ok(Linear { weight, bias })
+    }
+
+    pub fn dense_weight(w: Tensor) -> Self {
+        Linear {
+            weight: Weight::Dense(w),
+            bias: None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

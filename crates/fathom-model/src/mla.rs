@@ -77,7 +77,7 @@ impl Mla {
             )
         };
         let lin = |name: &str, out: usize, inp: usize| {
-            Linear::load(vb.pp(name), out, inp, false, cfg.weight_quant)
+            Linear::load(vb.pp(name), out, inp, false, &cfg.weights)
         };
         let q = match m.q_lora_rank {
             None => QueryProj::Full {

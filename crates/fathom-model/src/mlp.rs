@@ -5,7 +5,7 @@ use crate::linear::Linear;
 use crate::ops::silu;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use fathom_core::WeightQuant;
+use fathom_core::WeightPlan;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -20,12 +20,12 @@ impl Mlp {
         hidden: usize,
         inter: usize,
         bias: bool,
-        quant: Option<WeightQuant>,
+        weights: &WeightPlan,
     ) -> Result<Self> {
         Ok(Mlp {
-            gate_proj: Linear::load(vb.pp("gate_proj"), inter, hidden, bias, quant)?,
-            up_proj: Linear::load(vb.pp("up_proj"), inter, hidden, bias, quant)?,
-            down_proj: Linear::load(vb.pp("down_proj"), hidden, inter, bias, quant)?,
+            gate_proj: Linear::load(vb.pp("gate_proj"), inter, hidden, bias, weights)?,
+            up_proj: Linear::load(vb.pp("up_proj"), inter, hidden, bias, weights)?,
+            down_proj: Linear::load(vb.pp("down_proj"), hidden, inter, bias, weights)?,
         })
     }
 

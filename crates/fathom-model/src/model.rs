@@ -3,10 +3,10 @@
 
 use crate::cache::{KvCache, LayerCache};
 use crate::decoder::DecoderLayer;
+use crate::linear::Linear;
 use crate::moe::Routing;
 use crate::mtp::MtpModule;
 use crate::norm::RmsNorm;
-use crate::ops::linear;
 use crate::rope::Rope;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -19,8 +19,9 @@ pub struct CausalLm {
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    /// [vocab, hidden]; the embedding matrix itself when tied.
-    pub lm_head: Tensor,
+    /// [vocab, hidden]; the embedding matrix itself when tied. Quantisable like any projection:
+    /// at decode it is the largest single matrix read per token.
+    pub lm_head: Linear,
     pub rope: Rope,
     pub mtp: Vec<MtpModule>,
     pub device: Device,
@@ -55,16 +56,25 @@ impl CausalLm {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
+            Linear::dense_weight(embed_tokens.clone())
+        } else if vb.contains_tensor("lm_head.weight") || cfg.weights.stored.is_some() {
+            Linear::load(
+                vb.pp("lm_head"),
+                cfg.vocab_size,
+                cfg.hidden_size,
+                false,
+                &cfg.weights,
+            )?
         } else {
-            vb.pp("lm_head").get_with_hints(
+            // Fresh variables (training): N(0, 0.02) as the embeddings.
+            Linear::dense_weight(vb.pp("lm_head").get_with_hints(
                 (cfg.vocab_size, cfg.hidden_size),
                 "weight",
                 candle_nn::Init::Randn {
                     mean: 0.0,
                     stdev: 0.02,
                 },
-            )?
+            )?)
         };
         let mtp = if with_mtp {
             (0..cfg.num_nextn_predict_layers)
@@ -99,16 +109,22 @@ impl CausalLm {
         Self::load_quantized(dir, dtype, device, None)
     }
 
-    /// As `load`, quantising every projection (attention, MLPs, experts, MTP `eh_proj`) to `quant`
-    /// tensor by tensor as it is read; embeddings, head, norms and routers stay in `dtype`.
+    /// As `load`, quantising every projection (attention, MLPs, experts, MTP `eh_proj`, lm_head)
+    /// to `quant` tensor by tensor as it is read; embeddings, norms and routers stay in `dtype`.
+    /// `path` may also be a GGUF file (or a directory holding one): its block-quantised tensors
+    /// are used as stored (`quant` then only applies to tensors it holds as floats).
     pub fn load_quantized(
-        dir: &Path,
+        path: &Path,
         dtype: DType,
         device: &Device,
         quant: Option<fathom_core::WeightQuant>,
     ) -> std::result::Result<Self, FathomError> {
+        if let Some(file) = fathom_core::find_gguf(path) {
+            return Self::load_gguf(&file, dtype, device, quant);
+        }
+        let dir = path;
         let mut cfg = ModelConfig::from_path(dir)?;
-        cfg.weight_quant = quant;
+        cfg.weights.quantize = quant;
         let mut store = WeightStore::open(dir)?;
         if let Some(q) = &cfg.quantization {
             store = store.with_fp8_block(q.weight_block_size);
@@ -119,8 +135,40 @@ impl CausalLm {
                 cfg.num_hidden_layers
             ));
         let vb = VarBuilder::from_backend(Box::new(store), dtype, device.clone());
+        Self::build(&cfg, vb, has_mtp)
+    }
+
+    /// Load a GGUF file (llama.cpp's `deepseek2`/`qwen2`/`llama`, or one `fathom quantize` wrote).
+    pub fn load_gguf(
+        file: &Path,
+        dtype: DType,
+        device: &Device,
+        quant: Option<fathom_core::WeightQuant>,
+    ) -> std::result::Result<Self, FathomError> {
+        let ckpt = std::sync::Arc::new(fathom_core::GgufCheckpoint::open(file)?);
+        let mut cfg = ckpt.model_config()?;
+        cfg.weights.quantize = quant;
+        cfg.weights.stored = Some(ckpt.clone());
+        let has_mtp = cfg.num_nextn_predict_layers > 0
+            && ckpt.contains(&format!(
+                "model.layers.{}.eh_proj.weight",
+                cfg.num_hidden_layers
+            ));
+        let backend = fathom_core::gguf::GgufBackend(ckpt);
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let mut model = Self::build(&cfg, vb, has_mtp)?;
+        // Every tensor is copied out by now: unmap the file so its pages leave resident memory.
+        model.cfg.weights.stored = None;
+        Ok(model)
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        has_mtp: bool,
+    ) -> std::result::Result<Self, FathomError> {
         // Errors from the backend already name the file and tensor; keep the message as is.
-        CausalLm::new(&cfg, vb, has_mtp).map_err(|e| match e {
+        CausalLm::new(cfg, vb, has_mtp).map_err(|e| match e {
             candle_core::Error::Msg(m) => FathomError::Load(m),
             other => FathomError::Candle(other),
         })
@@ -174,7 +222,7 @@ impl CausalLm {
 
     /// Logits [b, s, vocab] from normed hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, &self.lm_head, None)
+        self.lm_head.forward(hidden)
     }
 
     /// Logits [b, s, vocab] for ids [b, s] (u32) at positions offset..; updates `cache` when given.

@@ -167,7 +167,7 @@ impl Moe {
                     cfg.hidden_size,
                     m.moe_intermediate_size,
                     false,
-                    cfg.weight_quant,
+                    &cfg.weights,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -177,7 +177,7 @@ impl Moe {
                 cfg.hidden_size,
                 m.moe_intermediate_size * m.n_shared_experts,
                 false,
-                cfg.weight_quant,
+                &cfg.weights,
             )?)
         } else {
             None

@@ -32,7 +32,7 @@ impl MtpModule {
         Ok(MtpModule {
             enorm: RmsNorm::load(vb.pp("enorm"), d, cfg.rms_norm_eps)?,
             hnorm: RmsNorm::load(vb.pp("hnorm"), d, cfg.rms_norm_eps)?,
-            eh_proj: Linear::load(vb.pp("eh_proj"), d, 2 * d, false, cfg.weight_quant)?,
+            eh_proj: Linear::load(vb.pp("eh_proj"), d, 2 * d, false, &cfg.weights)?,
             block: DecoderLayer::load(vb.clone(), cfg, layer_idx)?,
             shared_head_norm: RmsNorm::load(vb.pp("shared_head").pp("norm"), d, cfg.rms_norm_eps)?,
         })

@@ -25,6 +25,14 @@ pub fn inv_freq(dim: usize, base: f64, scaling: Option<&RopeScaling>) -> (Vec<f6
     match scaling {
         None => (default, 1.0),
         Some(RopeScaling::Linear { factor }) => (default.iter().map(|f| f / factor).collect(), 1.0),
+        Some(RopeScaling::FreqFactors { factors }) => (
+            default
+                .iter()
+                .enumerate()
+                .map(|(i, f)| f / factors.get(i).copied().unwrap_or(1.0))
+                .collect(),
+            1.0,
+        ),
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,

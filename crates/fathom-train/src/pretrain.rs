@@ -154,7 +154,11 @@ impl TrainableModel {
             ));
             out.push((
                 format!("{p}.shared_head.head.weight"),
-                self.model.lm_head.clone(),
+                self.model
+                    .lm_head
+                    .dense()
+                    .expect("a trainable model holds lm_head dense")
+                    .clone(),
             ));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
