@@ -1,9 +1,11 @@
 //! `fathom`: run DeepSeek-family checkpoints from a Hugging Face directory.
 //!
 //! Subcommands: `generate` (stream a completion), `chat` (multi-turn REPL), `forward` (dump logits),
-//! `inspect` (architecture, parameter counts, KV bytes per token), `train` (pretraining),
+//! `inspect` (architecture, parameter counts, KV bytes per token), `bench`, `quantize` (→ GGUF),
+//! `train` (pretraining),
 //! `tokenizer train`, `plot` (training curves). Without `--model`, the embedded default model at
-//! `models/default/` is used.
+//! `models/default/` is used. `--model` takes a Hugging Face directory, a GGUF file (llama.cpp's
+//! `deepseek2`/`qwen2`/`llama`) or a directory `fathom quantize` wrote.
 
 mod bench;
 mod train_cmds;
@@ -16,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fathom_core::{ModelConfig, TextTokenizer, WeightQuant};
+use fathom_core::{GgufCheckpoint, ModelConfig, TextTokenizer, WeightQuant};
 use fathom_engine::{generate, GenerateOptions, Generation, SamplingParams};
 use fathom_model::{param_counts, CausalLm};
 use serde_json::json;
@@ -59,6 +61,17 @@ enum Command {
     },
     /// Measure prefill / decode throughput, time to first token, peak RSS and KV bytes per token.
     Bench(bench::BenchArgs),
+    /// Quantise a checkpoint's projections to a llama.cpp block format: writes OUT/model.gguf
+    /// plus config and tokenizer files (loads anywhere a model directory is accepted).
+    Quantize {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// q8_0, q6_k, q4_k or q4_0.
+        #[arg(long, value_parser = parse_quant)]
+        to: WeightQuant,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Pretrain a DeepSeek-V3-architecture model (MLA, DeepSeekMoE, MTP) from a TOML config.
     Train(train_cmds::TrainArgs),
     /// Tokenizer tools.
@@ -187,7 +200,7 @@ struct ChatArgs {
 fn resolve_model(arg: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = arg {
         if !p.exists() {
-            bail!("model directory {} does not exist", p.display());
+            bail!("model {} does not exist", p.display());
         }
         return Ok(p.clone());
     }
@@ -220,16 +233,59 @@ fn load(dir: &Path) -> Result<Loaded> {
     load_with(dir, None)
 }
 
-fn load_with(dir: &Path, quant: Option<WeightQuant>) -> Result<Loaded> {
-    let model = CausalLm::load_quantized(dir, DType::F32, &Device::Cpu, quant)?;
-    let tok = if dir.join("tokenizer.json").is_file() {
-        let mut t = TextTokenizer::from_dir(dir)?;
+fn load_with(path: &Path, quant: Option<WeightQuant>) -> Result<Loaded> {
+    let model = CausalLm::load_quantized(path, DType::F32, &Device::Cpu, quant)?;
+    let mut tok = load_tokenizer(path)?;
+    if let Some(t) = &mut tok {
         t.add_eos_ids(&model.cfg.eos_token_ids);
-        Some(t)
-    } else {
-        None
-    };
+    }
     Ok(Loaded { model, tok })
+}
+
+/// tokenizer.json in the model's directory (or beside its GGUF file), else the GGUF metadata.
+fn load_tokenizer(path: &Path) -> Result<Option<TextTokenizer>> {
+    let dir = if path.is_file() {
+        path.parent().unwrap_or(Path::new("."))
+    } else {
+        path
+    };
+    if dir.join("tokenizer.json").is_file() {
+        return Ok(Some(TextTokenizer::from_dir(dir)?));
+    }
+    match fathom_core::find_gguf(path) {
+        Some(file) => Ok(Some(GgufCheckpoint::open(&file)?.tokenizer()?)),
+        None => Ok(None),
+    }
+}
+
+fn cmd_quantize(model: Option<PathBuf>, to: WeightQuant, out: PathBuf) -> Result<()> {
+    let dir = resolve_model(&model)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  {msg}")
+            .expect("template"),
+    );
+    let t0 = std::time::Instant::now();
+    let r = fathom_model::quantize::quantize_checkpoint(&dir, to, &out, |done, total, name| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(name.to_string());
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{} → {} ({}): {} tensors, {} in {} ({} fell back to q8_0: rows not a multiple of the block), {:.1} MB → {:.1} MB in {:.1} s",
+        dir.display(),
+        out.join("model.gguf").display(),
+        to.name(),
+        r.tensors,
+        r.quantized,
+        to.name(),
+        r.fell_back,
+        r.input_bytes as f64 / 1e6,
+        r.output_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn eos_ids(l: &Loaded) -> Vec<u32> {
@@ -408,8 +464,16 @@ fn cmd_forward(model: Option<PathBuf>, ids: TokenIds, output: PathBuf) -> Result
 
 fn cmd_inspect(model: Option<PathBuf>, format: Format) -> Result<()> {
     let dir = resolve_model(&model)?;
-    let cfg = ModelConfig::from_path(&dir)?;
-    let store = fathom_core::WeightStore::open(&dir)?;
+    let gguf = fathom_core::find_gguf(&dir)
+        .map(|f| GgufCheckpoint::open(&f))
+        .transpose()?;
+    let (cfg, store) = match &gguf {
+        Some(g) => (g.model_config()?, None),
+        None => (
+            ModelConfig::from_path(&dir)?,
+            Some(fathom_core::WeightStore::open(&dir)?),
+        ),
+    };
     let (total, active) = param_counts(&cfg);
     // Plain (expanded) cache stores 2·heads·head_dim per layer; MLA's latent cache stores
     // kv_lora_rank + qk_rope_head_dim (V2 §2.1.2). Reported at f32, the dtype Fathom caches in.
@@ -417,15 +481,26 @@ fn cmd_inspect(model: Option<PathBuf>, format: Format) -> Result<()> {
     let kv_bytes = cfg.kv_values_per_token_per_layer() * cfg.num_hidden_layers * bytes_per_value;
     let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
     let mut stored_params = 0usize;
-    for (_, (dt, shape)) in store.summary() {
-        *dtypes.entry(format!("{dt:?}")).or_default() += 1;
-        stored_params += shape.iter().product::<usize>();
-    }
-    let mtp_present = cfg.num_nextn_predict_layers > 0
-        && store.contains(&format!(
-            "model.layers.{}.eh_proj.weight",
-            cfg.num_hidden_layers
-        ));
+    let mtp_name = format!("model.layers.{}.eh_proj.weight", cfg.num_hidden_layers);
+    let mtp_stored = match (&store, &gguf) {
+        (Some(store), _) => {
+            for (_, (dt, shape)) in store.summary() {
+                *dtypes.entry(format!("{dt:?}")).or_default() += 1;
+                stored_params += shape.iter().product::<usize>();
+            }
+            store.contains(&mtp_name)
+        }
+        (None, Some(g)) => {
+            for name in g.tensor_names() {
+                let (dt, shape) = g.tensor_info(name).expect("listed tensor");
+                *dtypes.entry(format!("{dt:?}")).or_default() += 1;
+                stored_params += shape.iter().product::<usize>();
+            }
+            g.contains(&mtp_name)
+        }
+        (None, None) => unreachable!(),
+    };
+    let mtp_present = cfg.num_nextn_predict_layers > 0 && mtp_stored;
     let mut info = json!({
         "model": dir.display().to_string(),
         "architecture": cfg.arch.model_type(),
@@ -514,6 +589,7 @@ fn main() {
         } => cmd_forward(model, token_ids, output),
         Command::Inspect { model, format } => cmd_inspect(model, format),
         Command::Bench(b) => resolve_model(&b.model).and_then(|d| bench::cmd_bench(b, d)),
+        Command::Quantize { model, to, out } => cmd_quantize(model, to, out),
         Command::Train(a) => train_cmds::cmd_train(a),
         Command::Tokenizer(c) => train_cmds::cmd_tokenizer(c),
         Command::Plot { run_dir, out } => train_cmds::cmd_plot(run_dir, out),

@@ -450,3 +450,90 @@ fn quantised_generation_reproduces_f32_greedy_tokens_on_the_fixture() {
     // q8_0 keeps the first greedy tokens of the f32 reference.
     assert_eq!(got[..4], want[..4]);
 }
+
+fn generate_ids(model: &str, prompt: &str, extra: &[&str]) -> Vec<u32> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = fathom(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn quantize_writes_a_directory_every_command_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("default-q8_0");
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, err) = fathom(&[
+        "quantize",
+        "--model",
+        "models/default",
+        "--to",
+        "q8_0",
+        "--out",
+        out_s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("q8_0"), "{stdout}");
+    // Greedy text from the file equals quantising while loading (same blocks).
+    assert_eq!(
+        generate_ids(out_s, "ROMEO:", &[]),
+        generate_ids("models/default", "ROMEO:", &["--quant", "q8_0"])
+    );
+    let (ok, info, err) = fathom(&["inspect", "--model", out_s, "--format", "json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(v["tensor_dtypes"]["Q8_0"].as_u64().unwrap() > 100, "{info}");
+    assert_eq!(v["kv_bytes_per_token"], 1280);
+    // Refuses to overwrite; unknown format is a clear error.
+    let (ok, _, err) = fathom(&[
+        "quantize",
+        "--model",
+        "models/default",
+        "--to",
+        "q8_0",
+        "--out",
+        out_s,
+    ]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    let (ok, _, err) = fathom(&["quantize", "--to", "q3_x", "--out", "/tmp/never"]);
+    assert!(!ok && err.contains("unknown quantisation"), "{err}");
+}
+
+#[test]
+fn llama_cpp_gguf_files_run_with_their_own_tokenizer() {
+    // A GGUF file converted by llama.cpp: tokenizer and template come from its metadata.
+    let gguf = generate_ids("fixtures/gguf/qwen2_tiny.f32.gguf", "Hello there", &[]);
+    let hf = generate_ids("fixtures/qwen2_tiny", "Hello there", &[]);
+    assert_eq!(gguf, hf);
+    let (ok, info, err) = fathom(&[
+        "inspect",
+        "--model",
+        "fixtures/gguf/deepseek_v3_tiny.q8_0.gguf",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["architecture"], "deepseek_v3");
+    assert_eq!(v["mtp_modules"], 0);
+}

@@ -92,30 +92,31 @@ impl GgufCheckpoint {
             field: "<gguf header>".into(),
             msg: format!("not a readable GGUF file: {e}"),
         })?;
-        let layout =
-            if content.metadata.contains_key(FATHOM_CONFIG_KEY) {
-                Layout::Fathom
-            } else {
-                match content.metadata.get("general.architecture") {
-                    Some(GValue::String(a)) if a == "deepseek2" => Layout::DeepSeek2,
-                    Some(GValue::String(a)) if a == "qwen2" => Layout::Qwen2,
-                    Some(GValue::String(a)) if a == "llama" => Layout::Llama,
-                    Some(GValue::String(a)) => return Err(FathomError::Config {
+        let layout = if content.metadata.contains_key(FATHOM_CONFIG_KEY) {
+            Layout::Fathom
+        } else {
+            match content.metadata.get("general.architecture") {
+                Some(GValue::String(a)) if a == "deepseek2" => Layout::DeepSeek2,
+                Some(GValue::String(a)) if a == "qwen2" => Layout::Qwen2,
+                Some(GValue::String(a)) if a == "llama" => Layout::Llama,
+                Some(GValue::String(a)) => {
+                    return Err(FathomError::Config {
                         file: path.to_path_buf(),
                         field: "general.architecture".into(),
                         msg: format!(
                             "unsupported architecture {a:?} (supported: deepseek2, qwen2, llama)"
                         ),
-                    }),
-                    _ => {
-                        return Err(FathomError::Config {
-                            file: path.to_path_buf(),
-                            field: "general.architecture".into(),
-                            msg: "missing".into(),
-                        })
-                    }
+                    })
                 }
-            };
+                _ => {
+                    return Err(FathomError::Config {
+                        file: path.to_path_buf(),
+                        field: "general.architecture".into(),
+                        msg: "missing".into(),
+                    })
+                }
+            }
+        };
         let ckpt = GgufCheckpoint {
             path: path.to_path_buf(),
             mmap,

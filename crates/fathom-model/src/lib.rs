@@ -4,7 +4,8 @@
 //! - [`mla`] Multi-head Latent Attention · [`attention`] SDPA and GQA (Qwen2/Llama)
 //! - [`mlp`] SwiGLU MLP · [`moe`] DeepSeekMoE gate (`route_tokens`) and experts
 //! - [`mtp`] Multi-Token Prediction module · [`decoder`] decoder block · [`model`] the causal LM
-//! - [`cache`] plain KV cache · [`ops`] differentiable softmax/sigmoid/linear/cross-entropy
+//! - [`cache`] plain and MLA latent KV caches · [`ops`] differentiable softmax/sigmoid/linear/cross-entropy
+//! - [`linear`] dense or block-quantised projections · [`quantize`] checkpoint → quantised GGUF
 //!
 //! Every op is composed from candle primitives that have a backward pass (see `tests/gradients.rs`).
 
@@ -20,6 +21,7 @@ pub mod moe;
 pub mod mtp;
 pub mod norm;
 pub mod ops;
+pub mod quantize;
 pub mod rope;
 
 pub use cache::KvCache;
