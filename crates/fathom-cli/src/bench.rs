@@ -31,8 +31,46 @@ pub struct BenchArgs {
     /// Use the plain k/v cache instead of MLA's latent cache.
     #[arg(long)]
     plain_cache: bool,
+    /// Output format: text or json (llama-bench-like keys).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
+    /// Same as `--format json`.
     #[arg(long)]
     json: bool,
+}
+
+/// Sustained read bandwidth of this machine, GB/s: `threads` workers summing disjoint halves of a
+/// 256 MiB buffer (far past the caches), best of 3 — the memory roofline decode is held to.
+pub fn read_bandwidth_gb_s(threads: usize) -> f64 {
+    let n: usize = 64 << 20; // f32s = 256 MiB
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let threads = threads.max(1);
+    let chunk = n.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let sum: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        // 8 independent accumulators so the adds vectorise and pipeline.
+                        let mut acc = [0f32; 8];
+                        for block in c.chunks_exact(8) {
+                            for (a, x) in acc.iter_mut().zip(block) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.max((n * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    best
 }
 
 /// Peak resident set size of this process (VmHWM), bytes.
@@ -91,12 +129,17 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     }
     let threads = candle_core::utils::get_num_threads();
     let (total, active) = model.param_counts();
+    let weight_bytes = model.weight_bytes_per_token();
+    // Before the bandwidth probe's 256 MiB buffer raises the high-water mark.
+    let peak_rss = peak_rss_bytes();
+    let bandwidth = read_bandwidth_gb_s(threads);
+    let roofline = bandwidth * 1e9 / weight_bytes as f64;
     let report = json!({
         "model": dir.display().to_string(),
         "architecture": model.cfg.arch.model_type(),
         "total_params": total,
         "active_params": active,
-        "quant": a.quant.map_or("f32", |q| q.name()),
+        "quant": model.weight_format(),
         "threads": threads,
         "cache": if a.plain_cache || model.cfg.mla.is_none() { "plain" } else { "latent" },
         "prompt_tokens": a.prompt_tokens,
@@ -105,10 +148,14 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "decode_tok_s": best_tg,
         "ttft_ms": best_ttft,
         "load_ms": load_ms,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "kv_bytes_per_token": kv_bytes_per_token,
+        "weight_bytes_per_token": weight_bytes,
+        "read_bandwidth_gb_s": bandwidth,
+        "decode_roofline_tok_s": roofline,
+        "decode_fraction_of_roofline": best_tg / roofline,
     });
-    if a.json {
+    if a.json || a.format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
@@ -127,10 +174,17 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
             best_ttft, a.prompt_tokens
         );
         println!("load    {:>10.1} ms", load_ms);
-        if let Some(r) = peak_rss_bytes() {
+        if let Some(r) = peak_rss {
             println!("peak RSS {:>9.1} MB", r as f64 / 1e6);
         }
         println!("KV cache {:>9} bytes/token", kv_bytes_per_token);
+        println!(
+            "roofline {:>9.1} tok/s ({:.1} MB of weights per token at {:.1} GB/s read): decode at {:.0} %",
+            roofline,
+            weight_bytes as f64 / 1e6,
+            bandwidth,
+            100.0 * best_tg / roofline
+        );
     }
     Ok(())
 }

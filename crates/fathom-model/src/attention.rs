@@ -92,6 +92,11 @@ pub struct GqaAttention {
 }
 
 impl GqaAttention {
+    /// The four projections, for accounting (bytes read per token).
+    pub fn projections(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, kvh, d, hid) = (
             cfg.num_attention_heads,

@@ -174,6 +174,71 @@ impl CausalLm {
         })
     }
 
+    /// Weight bytes one decode step reads: every always-on matrix in its stored format, the
+    /// top-k routed experts of each MoE layer (k/E of the expert bytes, as decode touches only
+    /// the selected ones), shared experts, kv_b_proj, routers and lm_head; one embedding row.
+    /// Divided into measured memory bandwidth it gives the decode roofline. MTP modules excluded.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        use crate::decoder::{Attention, FeedForward};
+        use crate::mla::QueryProj;
+        let lin = |l: &Linear| l.storage().1;
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mlp = |m: &crate::mlp::Mlp| lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj);
+        let mut total = lin(&self.lm_head) + dense(&self.embed_tokens) / self.cfg.vocab_size;
+        for layer in &self.layers {
+            total += match &layer.attn {
+                Attention::Mla(m) => {
+                    let q = match &m.q {
+                        QueryProj::Full { q_proj } => lin(q_proj),
+                        QueryProj::LowRank { q_a_proj, q_b_proj, .. } => {
+                            lin(q_a_proj) + lin(q_b_proj)
+                        }
+                    };
+                    q + lin(&m.kv_a_proj_with_mqa) + dense(&m.kv_b_proj) + lin(&m.o_proj)
+                }
+                Attention::Gqa(g) => g.projections().iter().map(|l| lin(l)).sum(),
+            };
+            total += match &layer.ffn {
+                FeedForward::Dense(m) => mlp(m),
+                FeedForward::Moe(moe) => {
+                    let experts: usize = moe.experts.iter().map(mlp).sum();
+                    let k = moe.gate.cfg.num_experts_per_tok;
+                    experts * k / moe.experts.len().max(1)
+                        + moe.shared_experts.as_ref().map_or(0, mlp)
+                        + dense(&moe.gate.weight)
+                }
+            };
+        }
+        total
+    }
+
+    /// The storage format most projection bytes are held in (e.g. "q8_0", "f32").
+    pub fn weight_format(&self) -> String {
+        use crate::decoder::FeedForward;
+        let mut by_format: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut add = |l: &Linear| {
+            let (f, b) = l.storage();
+            *by_format.entry(f).or_default() += b;
+        };
+        add(&self.lm_head);
+        for layer in &self.layers {
+            let mlps: Vec<&crate::mlp::Mlp> = match &layer.ffn {
+                FeedForward::Dense(m) => vec![m],
+                FeedForward::Moe(moe) => moe.experts.iter().collect(),
+            };
+            for m in mlps {
+                for l in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+                    add(l);
+                }
+            }
+        }
+        by_format
+            .into_iter()
+            .max_by_key(|(_, b)| *b)
+            .map(|(f, _)| f)
+            .unwrap_or_else(|| "f32".into())
+    }
+
     /// The fastest cache for this architecture: MLA's latent cache (absorbed decode) for
     /// DeepSeek models, the plain k/v cache for GQA models.
     pub fn new_cache(&self) -> KvCache {

@@ -1,0 +1,83 @@
+"""Fathom vs llama.cpp on the same GGUF files, same quantisation, same thread count.
+
+For each model × format it runs `llama-bench -p PP -n TG -t T -o json` and
+`fathom bench --model FILE.gguf --threads T --format json`, alternating the two engines over
+rounds so machine noise hits both alike, keeps each engine's best, and prints a Markdown table
+with the ratios (Fathom / llama.cpp) and decode against the memory-bandwidth roofline.
+
+Setup (once):
+  LLAMA=$(tools/gguf/get_llama_cpp.sh /tmp/llama-cpp)               # llama.cpp from the PyPI sdist
+  python tools/bench/make_bench_models.py --out runs/bench-models   # the HF models
+  for m in v3-210m qwen2-150m; do                                   # llama.cpp's own converter
+    python tools/gguf/convert.py --llama-cpp $LLAMA -- runs/bench-models/$m --outtype q8_0 --outfile runs/bench-models/$m.q8_0.gguf
+    python tools/gguf/convert.py --llama-cpp $LLAMA -- runs/bench-models/$m --outtype f16 --outfile runs/bench-models/$m.f16.gguf
+    $LLAMA/build/bin/llama-quantize --pure runs/bench-models/$m.f16.gguf runs/bench-models/$m.q4_0.gguf Q4_0
+  done
+Run:
+  python tools/bench/llama_cpp_compare.py --llama-cpp $LLAMA [--threads 2 --pp 512 --tg 128 --rounds 2]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def llama_bench(binary, model, pp, tg, threads):
+    out = subprocess.run([binary, "-m", model, "-p", str(pp), "-n", str(tg), "-t", str(threads), "-r", "1",
+                          "-o", "json"], check=True, capture_output=True, text=True)
+    rows = json.loads(out.stdout)
+    pp_ts = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    tg_ts = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return pp_ts, tg_ts
+
+
+def fathom_bench(binary, model, pp, tg, threads):
+    out = subprocess.run([binary, "bench", "--model", model, "--prompt-tokens", str(pp), "--gen-tokens", str(tg),
+                          "--threads", str(threads), "--repeat", "1", "--format", "json"], check=True,
+                         capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", required=True, help="llama.cpp source dir with build/bin/llama-bench")
+    ap.add_argument("--models", default=os.path.join(ROOT, "runs", "bench-models"))
+    ap.add_argument("--names", default="v3-210m,qwen2-150m")
+    ap.add_argument("--formats", default="q8_0,q4_0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--fathom", default=os.path.join(ROOT, "target", "release", "fathom"))
+    a = ap.parse_args()
+    lb = os.path.join(a.llama_cpp, "build", "bin", "llama-bench")
+    rows = []
+    for name in a.names.split(","):
+        for fmt in a.formats.split(","):
+            path = os.path.join(a.models, f"{name}.{fmt}.gguf")
+            best = {"lpp": 0, "ltg": 0, "fpp": 0, "ftg": 0}
+            rep = None
+            for _ in range(a.rounds):
+                lpp, ltg = llama_bench(lb, path, a.pp, a.tg, a.threads)
+                rep = fathom_bench(a.fathom, path, a.pp, a.tg, a.threads)
+                best["lpp"], best["ltg"] = max(best["lpp"], lpp), max(best["ltg"], ltg)
+                best["fpp"] = max(best["fpp"], rep["prefill_tok_s"])
+                best["ftg"] = max(best["ftg"], rep["decode_tok_s"])
+            roof = rep["decode_roofline_tok_s"]
+            rows.append((name, fmt, best, rep, roof))
+            print(f"{name} {fmt}: {best} roofline {roof:.1f}", flush=True)
+    print()
+    print(f"| model | weights | pp{a.pp} llama.cpp | pp{a.pp} Fathom | ratio | tg{a.tg} llama.cpp | tg{a.tg} Fathom | ratio "
+          f"| roofline tok/s | Fathom / llama.cpp % of roofline | Fathom peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, fmt, b, rep, roof in rows:
+        print(f"| {name} | {fmt} | {b['lpp']:.1f} | {b['fpp']:.1f} | **{b['fpp'] / b['lpp']:.2f}×** | {b['ltg']:.1f} | "
+              f"{b['ftg']:.1f} | **{b['ftg'] / b['ltg']:.2f}×** | {roof:.0f} | {100 * b['ftg'] / roof:.0f} % / "
+              f"{100 * b['ltg'] / roof:.0f} % | {rep['peak_rss_bytes'] / 1e6:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
