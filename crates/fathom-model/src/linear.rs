@@ -11,6 +11,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use fathom_core::{WeightPlan, WeightQuant};
 
+/// From this many input rows on, a quantised projection expands its weight to f32 and uses the
+/// f32 GEMM (prefill); below it (decode) it runs the quantised kernel.
+pub const DEQUANTIZE_FROM_ROWS: usize = 32;
+
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
@@ -111,6 +115,16 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => linear(x, w, self.bias.as_ref()),
             Weight::Quantized { matmul, .. } => {
+                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+                if rows >= DEQUANTIZE_FROM_ROWS {
+                    // Prefill: candle's quantised kernel is a dot product per (row, column) with no
+                    // tiling; expanding the weight once and running the f32 GEMM is several times
+                    // faster once enough rows share it (docs/benchmarks.md).
+                    if let QMatMul::QTensor(q) = matmul {
+                        let w = q.dequantize(x.device())?;
+                        return linear(x, &w, self.bias.as_ref());
+                    }
+                }
                 let y = matmul.forward(&x.contiguous()?)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),

@@ -55,7 +55,18 @@ impl CausalLm {
             .map(|i| DecoderLayer::load(m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let quantizing = cfg.weights.quantize.is_some() || cfg.weights.stored.is_some();
+        let lm_head = if cfg.tie_word_embeddings && quantizing {
+            // Tied but quantised: the head reads the embedding matrix in the quantised form (as
+            // stored in a GGUF file, else quantised now); lookups keep the f32 rows.
+            Linear::load(
+                m.pp("embed_tokens"),
+                cfg.vocab_size,
+                cfg.hidden_size,
+                false,
+                &cfg.weights,
+            )?
+        } else if cfg.tie_word_embeddings {
             Linear::dense_weight(embed_tokens.clone())
         } else if vb.contains_tensor("lm_head.weight") || cfg.weights.stored.is_some() {
             Linear::load(
@@ -190,9 +201,9 @@ impl CausalLm {
                 Attention::Mla(m) => {
                     let q = match &m.q {
                         QueryProj::Full { q_proj } => lin(q_proj),
-                        QueryProj::LowRank { q_a_proj, q_b_proj, .. } => {
-                            lin(q_a_proj) + lin(q_b_proj)
-                        }
+                        QueryProj::LowRank {
+                            q_a_proj, q_b_proj, ..
+                        } => lin(q_a_proj) + lin(q_b_proj),
                     };
                     q + lin(&m.kv_a_proj_with_mqa) + dense(&m.kv_b_proj) + lin(&m.o_proj)
                 }
