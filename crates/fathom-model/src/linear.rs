@@ -7,7 +7,7 @@
 
 use crate::ops::linear;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use fathom_core::{WeightPlan, WeightQuant};
 
@@ -123,6 +123,21 @@ impl Linear {
                     if let QMatMul::QTensor(q) = matmul {
                         let w = q.dequantize(x.device())?;
                         return linear(x, &w, self.bias.as_ref());
+                    }
+                }
+                if let (QMatMul::QTensor(q), true) =
+                    (matmul, x.dtype() == DType::F32 && x.device().is_cpu())
+                {
+                    // Decode: Fathom's mat-vec kernel (crate::qgemv) when it covers the format.
+                    let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    if let Some(y) = crate::qgemv::gemv(q, &host, rows) {
+                        let mut dims = x.dims().to_vec();
+                        *dims.last_mut().expect("rank ≥ 1") = q.shape().dims()[0];
+                        let y = Tensor::from_vec(y, dims, x.device())?;
+                        return match &self.bias {
+                            Some(b) => y.broadcast_add(b),
+                            None => Ok(y),
+                        };
                     }
                 }
                 let y = matmul.forward(&x.contiguous()?)?;
