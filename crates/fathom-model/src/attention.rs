@@ -68,7 +68,8 @@ pub fn attend_cached(
     attend(q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, scale, offset)
 }
 
-/// [b, kv_heads, t, d] → [b, kv_heads·rep, t, d], each kv head serving `rep` query heads.
+/// [b, kv_heads, t, d] → [b, kv_heads·rep, t, d], each kv head serving `rep` query heads (the
+/// reference form; `GqaAttention` groups query heads instead).
 pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
@@ -130,12 +131,25 @@ impl GqaAttention {
         let v = shape(self.v_proj.forward(x)?, self.kv_heads)?;
         let q = rope.apply(&q.contiguous()?, offset)?;
         let k = rope.apply(&k.contiguous()?, offset)?;
-        let rep = self.heads / self.kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attend_cached(&q, k, v.contiguous()?, rep, scale, offset, cache)?;
+        let (kvh, rep, d) = (self.kv_heads, self.heads / self.kv_heads, self.head_dim);
+        let scale = 1.0 / (d as f64).sqrt();
+        // Group the query heads by the kv head they share (head = kv·rep + r): [b·kvh, rep·s, d],
+        // so one batched matmul per kv head serves all its query heads and k/v are never repeated.
+        let q = q.reshape((b * kvh, rep * s, d))?;
+        let k = k.reshape((b * kvh, s, d))?;
+        let v = v.contiguous()?.reshape((b * kvh, s, d))?;
+        let (k, v) = match cache {
+            Some(c) => c.append_grouped(&k, &v)?,
+            None => (k, v),
+        };
+        let t = k.dim(1)?;
+        let raw = q.matmul(&k.t()?)?; // [b·kvh, rep·s, t]
+        let probs = causal_softmax(&raw.reshape((b * kvh, rep, s, t))?, scale, offset)?;
+        let out = probs.reshape((b * kvh, rep * s, t))?.matmul(&v)?; // [b·kvh, rep·s, d]
         let out = out
+            .reshape((b, self.heads, s, d))?
             .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?;
+            .reshape((b, s, self.heads * d))?;
         self.o_proj.forward(&out)
     }
 }

@@ -1,7 +1,9 @@
 //! KV caches for incremental decoding.
 //!
 //! - Plain: per layer the keys and values of every past position, [batch, heads, seq, dim],
-//!   appended with `cat` (the reference path; GQA models use it).
+//!   appended with `cat` (the reference path MLA's latent cache is tested against).
+//! - Grouped (Qwen2/Llama): k and v of the kv heads only, [batch·kv_heads, seq, dim], in buffers
+//!   written in place; query heads attend to their kv head without repeating it.
 //! - Latent (MLA, DeepSeek-V2 §2.1.1): per layer only the normalised compressed KV c_kv
 //!   [batch, seq, kv_lora_rank] and the roped shared key part k_pe [batch, seq, qk_rope_head_dim]:
 //!   (kv_lora_rank + qk_rope_head_dim) values per token per layer instead of
@@ -70,6 +72,10 @@ pub struct LayerCache {
     pub latent: SeqBuffer,
     /// Latent cache: roped k_pe [b, t, qk_rope_head_dim].
     pub k_rope: SeqBuffer,
+    /// Grouped-query cache (Qwen2/Llama): k [b·kv_heads, t, d], written in place.
+    pub k_grouped: SeqBuffer,
+    /// Grouped-query cache: v [b·kv_heads, t, d].
+    pub v_grouped: SeqBuffer,
 }
 
 impl LayerCache {
@@ -84,9 +90,18 @@ impl LayerCache {
         Ok((k, v))
     }
 
+    /// Append k, v [b·kv_heads, s, d] in place; returns views of everything cached
+    /// [b·kv_heads, t, d] (no copy of the past: decode cost does not grow with a copy per token).
+    pub fn append_grouped(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.k_grouped.append(k)?, self.v_grouped.append(v)?))
+    }
+
     pub fn len(&self) -> usize {
-        if self.latent_mode {
+        if self.latent_mode && !self.latent.is_empty() {
             return self.latent.len();
+        }
+        if !self.k_grouped.is_empty() {
+            return self.k_grouped.len();
         }
         self.k.as_ref().map(|k| k.dim(2).unwrap_or(0)).unwrap_or(0)
     }
@@ -101,13 +116,20 @@ impl LayerCache {
             x.as_ref()
                 .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
         };
-        t(&self.k) + t(&self.v) + self.latent.bytes() + self.k_rope.bytes()
+        t(&self.k)
+            + t(&self.v)
+            + self.latent.bytes()
+            + self.k_rope.bytes()
+            + self.k_grouped.bytes()
+            + self.v_grouped.bytes()
     }
 
     /// Forget positions ≥ n.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
         self.latent.truncate(n);
         self.k_rope.truncate(n);
+        self.k_grouped.truncate(n);
+        self.v_grouped.truncate(n);
         if let (Some(k), Some(v)) = (&self.k, &self.v) {
             let keep = n.min(k.dim(2)?);
             self.k = Some(k.narrow(2, 0, keep)?);
