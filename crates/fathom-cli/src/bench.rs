@@ -135,12 +135,18 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
             model.new_cache()
         };
         let first = Tensor::new(&[[prompt[0]]], &Device::Cpu)?;
-        let mut tok = model.forward(&first, 0, Some(&mut fresh))?.flatten_all()?.argmax(0)?;
+        let mut tok = model
+            .forward(&first, 0, Some(&mut fresh))?
+            .flatten_all()?
+            .argmax(0)?;
         let _ = tok.to_scalar::<u32>()?;
         let t2 = Instant::now();
         for i in 0..a.gen_tokens {
             let x = Tensor::new(&[tok.to_scalar::<u32>()?], &Device::Cpu)?.unsqueeze(0)?;
-            tok = model.forward(&x, 1 + i, Some(&mut fresh))?.flatten_all()?.argmax(0)?;
+            tok = model
+                .forward(&x, 1 + i, Some(&mut fresh))?
+                .flatten_all()?
+                .argmax(0)?;
         }
         let _ = tok.to_scalar::<u32>()?;
         best_tg = best_tg.max(a.gen_tokens as f64 / t2.elapsed().as_secs_f64());

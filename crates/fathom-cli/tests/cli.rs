@@ -483,7 +483,7 @@ fn quantize_writes_a_directory_every_command_loads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("default-q8_0");
     let out_s = out.to_str().unwrap();
-    let (ok, stdout, err) = fathom(&[
+    let quantize = [
         "quantize",
         "--model",
         "models/default",
@@ -491,7 +491,8 @@ fn quantize_writes_a_directory_every_command_loads() {
         "q8_0",
         "--out",
         out_s,
-    ]);
+    ];
+    let (ok, stdout, err) = fathom(&quantize);
     assert!(ok, "{err}");
     assert!(stdout.contains("q8_0"), "{stdout}");
     // Greedy text from the file equals quantising while loading (same blocks).
@@ -505,15 +506,7 @@ fn quantize_writes_a_directory_every_command_loads() {
     assert!(v["tensor_dtypes"]["Q8_0"].as_u64().unwrap() > 100, "{info}");
     assert_eq!(v["kv_bytes_per_token"], 1280);
     // Refuses to overwrite; unknown format is a clear error.
-    let (ok, _, err) = fathom(&[
-        "quantize",
-        "--model",
-        "models/default",
-        "--to",
-        "q8_0",
-        "--out",
-        out_s,
-    ]);
+    let (ok, _, err) = fathom(&quantize);
     assert!(!ok && err.contains("not empty"), "{err}");
     let (ok, _, err) = fathom(&["quantize", "--to", "q3_x", "--out", "/tmp/never"]);
     assert!(!ok && err.contains("unknown quantisation"), "{err}");

@@ -644,33 +644,17 @@ impl QuantizedSource for GgufCheckpoint {
     }
 }
 
-/// candle's `VarBuilder` reads non-projection tensors (norms, embeddings, routers) through this;
-/// the same checkpoint, shared, is the [`QuantizedSource`] of the projections.
-pub struct GgufBackend(pub std::sync::Arc<GgufCheckpoint>);
-
-impl candle_nn::var_builder::SimpleBackend for GgufBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .load(name, &s, dtype, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+/// Model construction reads non-projection tensors (norms, embeddings, routers) through this, via
+/// `SourceBackend`; the same checkpoint, shared, is the [`QuantizedSource`] of the projections.
+impl crate::weights::TensorSource for std::sync::Arc<GgufCheckpoint> {
+    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
+        GgufCheckpoint::load(self, name, shape, dtype, dev)
     }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0
-            .load_f32(name)
-            .and_then(|t| Ok(t.to_dtype(dtype)?.to_device(dev)?))
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    fn load_f32(&self, name: &str) -> Result<Tensor> {
+        GgufCheckpoint::load_f32(self, name)
     }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains(name)
+    fn contains(&self, name: &str) -> bool {
+        GgufCheckpoint::contains(self, name)
     }
 }
 

@@ -25,4 +25,4 @@ pub use tokenizer::{
     deepseek_tokenizer_config, ChatTemplate, TextTokenizer, DEEPSEEK_R1_CHAT_TEMPLATE,
     DEEPSEEK_SPECIAL_TOKENS,
 };
-pub use weights::WeightStore;
+pub use weights::{SourceBackend, TensorSource, WeightStore};

@@ -3,7 +3,8 @@
 //! Files are memory-mapped and each tensor is converted on request, so peak memory stays near the
 //! model's final size. FP8 e4m3 weights are dequantised with their `weight_scale_inv` block grid
 //! (DeepSeek-V3 `README_WEIGHTS.md`: w = q · scale of its 128×128 block; edge blocks may be partial).
-//! [`WeightStore`] implements candle's `SimpleBackend`, so modules build from a `VarBuilder`.
+//! Wrapped in [`SourceBackend`], a [`WeightStore`] (or any [`TensorSource`], e.g. a GGUF file)
+//! becomes a candle `VarBuilder` backend, so modules build from a `VarBuilder`.
 
 use crate::error::{FathomError, Result};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -312,7 +313,32 @@ pub fn dequantize_fp8_blocks(
     Ok(out)
 }
 
-impl candle_nn::var_builder::SimpleBackend for WeightStore {
+/// What a checkpoint format provides to model construction: HF-named tensors as f32 (converted to
+/// the requested dtype by [`SourceBackend`]).
+pub trait TensorSource: Send + Sync {
+    /// Tensor `name` checked against `shape`, converted to `dtype` on `dev`.
+    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor>;
+    fn load_f32(&self, name: &str) -> Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl TensorSource for WeightStore {
+    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
+        WeightStore::load(self, name, shape, dtype, dev)
+    }
+    fn load_f32(&self, name: &str) -> Result<Tensor> {
+        WeightStore::load_f32(self, name)
+    }
+    fn contains(&self, name: &str) -> bool {
+        WeightStore::contains(self, name)
+    }
+}
+
+/// Adapts any [`TensorSource`] to candle's `VarBuilder`, keeping its error messages (file and
+/// tensor named).
+pub struct SourceBackend<S>(pub S);
+
+impl<S: TensorSource> candle_nn::var_builder::SimpleBackend for SourceBackend<S> {
     fn get(
         &self,
         s: Shape,
@@ -321,17 +347,19 @@ impl candle_nn::var_builder::SimpleBackend for WeightStore {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.load(name, &s, dtype, dev)
+        self.0
+            .load(name, &s, dtype, dev)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load_f32(name)
+        self.0
+            .load_f32(name)
             .and_then(|t| Ok(t.to_dtype(dtype)?.to_device(dev)?))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.contains(name)
+        self.0.contains(name)
     }
 }

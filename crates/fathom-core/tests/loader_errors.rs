@@ -1,6 +1,6 @@
 //! Bad checkpoints give errors that name the file and the tensor or field — never a panic.
 
-use fathom_core::{ModelConfig, WeightStore};
+use fathom_core::{ModelConfig, SourceBackend, WeightStore};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -76,7 +76,7 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
 fn load_model_err(dir: &Path) -> String {
     use candle_nn::var_builder::SimpleBackend;
     let cfg = ModelConfig::from_path(dir).unwrap();
-    let store = WeightStore::open(dir).unwrap();
+    let store = SourceBackend(WeightStore::open(dir).unwrap());
     let shape = (cfg.hidden_size, cfg.intermediate_size);
     let name = "model.layers.1.mlp.down_proj.weight";
     store

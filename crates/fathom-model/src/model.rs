@@ -145,7 +145,11 @@ impl CausalLm {
                 "model.layers.{}.eh_proj.weight",
                 cfg.num_hidden_layers
             ));
-        let vb = VarBuilder::from_backend(Box::new(store), dtype, device.clone());
+        let vb = VarBuilder::from_backend(
+            Box::new(fathom_core::SourceBackend(store)),
+            dtype,
+            device.clone(),
+        );
         Self::build(&cfg, vb, has_mtp)
     }
 
@@ -165,7 +169,7 @@ impl CausalLm {
                 "model.layers.{}.eh_proj.weight",
                 cfg.num_hidden_layers
             ));
-        let backend = fathom_core::gguf::GgufBackend(ckpt);
+        let backend = fathom_core::SourceBackend(ckpt);
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let mut model = Self::build(&cfg, vb, has_mtp)?;
         // Every tensor is copied out by now: unmap the file so its pages leave resident memory.

@@ -137,71 +137,63 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
     }
 
-    /// Rows r0..r0+count (count ≤ 4) of q8_0 blocks (2-byte f16 scale + 32 i8) against x.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_q8_0(
-        w: &[u8],
-        row_bytes: usize,
-        r0: usize,
-        count: usize,
-        xq: &[i8],
-        xd: &[f32],
-    ) -> [f32; 4] {
-        const B: usize = 34;
-        let nb = xd.len();
-        let base = w.as_ptr();
-        let rows: [*const u8; 4] =
-            std::array::from_fn(|i| base.add((r0 + i.min(count - 1)) * row_bytes));
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for b in 0..nb {
-            let x = _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i);
-            let dx = *xd.get_unchecked(b);
-            for i in 0..4 {
-                let p = rows[i].add(b * B);
-                let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                let d = _mm256_set1_ps(f16_scale(p) * dx);
-                acc[i] = _mm256_fmadd_ps(d, dot_i8(q, x), acc[i]);
+    /// `fn $name(w, row_bytes, r0, count, xq, xd) -> [f32; 4]`: rows r0..r0+count (count ≤ 4)
+    /// of `$block`-byte blocks (2-byte f16 scale, then quants that `$load` turns into 32 i8
+    /// values) against the q8 activation.
+    macro_rules! dot4 {
+        ($(#[$doc:meta])* $name:ident, $block:expr, |$p:ident| $load:expr) => {
+            $(#[$doc])*
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(
+                w: &[u8],
+                row_bytes: usize,
+                r0: usize,
+                count: usize,
+                xq: &[i8],
+                xd: &[f32],
+            ) -> [f32; 4] {
+                let base = w.as_ptr();
+                let rows: [*const u8; 4] =
+                    std::array::from_fn(|i| base.add((r0 + i.min(count - 1)) * row_bytes));
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for b in 0..xd.len() {
+                    let x = _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i);
+                    let dx = *xd.get_unchecked(b);
+                    for i in 0..4 {
+                        let $p = rows[i].add(b * $block);
+                        let q = $load;
+                        let d = _mm256_set1_ps(f16_scale($p) * dx);
+                        acc[i] = _mm256_fmadd_ps(d, dot_i8(q, x), acc[i]);
+                    }
+                }
+                [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
             }
-        }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+        };
     }
 
-    /// As `dot4_q8_0` for q4_0 blocks (f16 scale + 16 bytes: low nibbles are values 0..16, high
-    /// nibbles 16..32, each minus 8).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_q4_0(
-        w: &[u8],
-        row_bytes: usize,
-        r0: usize,
-        count: usize,
-        xq: &[i8],
-        xd: &[f32],
-    ) -> [f32; 4] {
-        const B: usize = 18;
-        let nb = xd.len();
-        let base = w.as_ptr();
-        let rows: [*const u8; 4] =
-            std::array::from_fn(|i| base.add((r0 + i.min(count - 1)) * row_bytes));
-        let low = _mm256_set1_epi8(0xF);
-        let eight = _mm256_set1_epi8(8);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for b in 0..nb {
-            let x = _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i);
-            let dx = *xd.get_unchecked(b);
-            for i in 0..4 {
-                let p = rows[i].add(b * B);
-                let packed = _mm_loadu_si128(p.add(2) as *const __m128i);
-                let both = _mm256_insertf128_si256::<1>(
-                    _mm256_castsi128_si256(packed),
-                    _mm_srli_epi16(packed, 4),
-                );
-                let q = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
-                let d = _mm256_set1_ps(f16_scale(p) * dx);
-                acc[i] = _mm256_fmadd_ps(d, dot_i8(q, x), acc[i]);
-            }
+    dot4!(
+        /// q8_0: 34-byte blocks, 32 i8 quants.
+        dot4_q8_0,
+        34,
+        |p| _mm256_loadu_si256(p.add(2) as *const __m256i)
+    );
+
+    dot4!(
+        /// q4_0: 18-byte blocks; low nibbles are values 0..16, high nibbles 16..32, each minus 8.
+        dot4_q4_0,
+        18,
+        |p| {
+            let packed = _mm_loadu_si128(p.add(2) as *const __m128i);
+            let both = _mm256_insertf128_si256::<1>(
+                _mm256_castsi128_si256(packed),
+                _mm_srli_epi16(packed, 4),
+            );
+            _mm256_sub_epi8(
+                _mm256_and_si256(both, _mm256_set1_epi8(0xF)),
+                _mm256_set1_epi8(8),
+            )
         }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-    }
+    );
 }
 
 #[cfg(test)]

@@ -3,39 +3,24 @@
 //! quantised tensors are used as stored, the tokenizer rebuilt from GGUF metadata encodes as
 //! tokenizer.json does, and damaged files fail with an error naming the file.
 
+mod common;
+use common::{fixture, max_abs_diff, relative_mean_error};
+
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use fathom_core::{GgufCheckpoint, ModelConfig, RopeScaling, TextTokenizer, WeightStore};
+use fathom_core::{
+    GgufCheckpoint, ModelConfig, RopeScaling, SourceBackend, TextTokenizer, WeightStore,
+};
 use fathom_model::decoder::FeedForward;
 use fathom_model::linear::Weight;
 use fathom_model::CausalLm;
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
 
 const PROMPT: [u32; 12] = [0, 5, 17, 42, 99, 7, 3, 250, 31, 64, 12, 200];
 
 fn logits(model: &CausalLm) -> Tensor {
     let ids = Tensor::new(&[PROMPT], &Device::Cpu).unwrap();
     model.forward(&ids, 0, None).unwrap().squeeze(0).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The V3 fixture through the safetensors path, with mscale set to mscale_all_dim: llama.cpp's
@@ -54,7 +39,7 @@ fn v3_safetensors_as_llama_cpp_sees_it() -> CausalLm {
         panic!("fixture uses YaRN");
     }
     let store = WeightStore::open(&dir).unwrap();
-    let vb = VarBuilder::from_backend(Box::new(store), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(Box::new(SourceBackend(store)), DType::F32, Device::Cpu);
     CausalLm::new(&cfg, vb, false).unwrap()
 }
 
@@ -119,23 +104,7 @@ fn deepseek2_q8_0_gguf_uses_llama_cpp_blocks_as_stored() {
             Weight::Dense(_) => panic!("a q8_0 tensor was expanded to floats"),
         }
     }
-    let got = logits(&m);
-    let scale = reference
-        .abs()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let rel = (&got - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        / scale;
+    let rel = relative_mean_error(&logits(&m), &reference);
     eprintln!(
         "deepseek2 q8_0 GGUF (llama.cpp-quantised) vs f32: mean |Δlogit|/mean |logit| {rel:.4}"
     );

@@ -2,28 +2,11 @@
 //! 200+ decode steps, and the cache holds exactly (kv_lora_rank + qk_rope_head_dim) values per
 //! token per layer.
 
+mod common;
+use common::{fixture, max_abs_diff};
+
 use candle_core::{DType, Device, Tensor};
 use fathom_model::CausalLm;
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 fn check(name: &str, steps: usize) {
     let model = CausalLm::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();

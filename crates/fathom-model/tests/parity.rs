@@ -2,6 +2,9 @@
 //! logits within 1e-4 (f32 math; bf16 checkpoints are upcast by both sides) over prompt + 32 greedy
 //! tokens, for the uncached and the cached path, and identical greedy tokens.
 
+mod common;
+use common::max_abs_diff;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use fathom_model::CausalLm;
 use std::collections::HashMap;
@@ -36,17 +39,6 @@ impl Reference {
             .filter(|k| k.starts_with("prompt_"))
             .count()
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn argmax_last(logits: &Tensor) -> u32 {

@@ -1,17 +1,13 @@
 //! Quantised weights: every format against f32 on a fixture (logit error recorded), FP8 block
 //! checkpoints loading straight into a quantised form, and the storage actually shrinking.
 
+mod common;
+use common::fixture;
+
 use candle_core::{DType, Device, Tensor};
 use fathom_core::WeightQuant;
 use fathom_model::decoder::FeedForward;
 use fathom_model::CausalLm;
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
 
 fn logits(model: &CausalLm) -> Tensor {
     let ids = Tensor::new(
