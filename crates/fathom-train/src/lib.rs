@@ -9,6 +9,9 @@
 //! - [`checkpoint`]: atomic HF checkpoint directories.
 //! - [`metrics`]: JSONL metrics and PNG plots.
 //! - [`pretrain`]: the loop, with exact resume.
+//! - [`tasks`]: verifiable tasks (arithmetic, countdown, JSONL) with disjoint train/held-out splits.
+//! - [`rewards`]: rule-based accuracy and format rewards, composable with weights.
+//! - [`grpo`]: group-normalised advantages and the clipped GRPO objective with k3 KL.
 
 pub mod arithmetic;
 pub mod balance;
@@ -16,10 +19,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod grpo;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod pretrain;
+pub mod rewards;
+pub mod tasks;
 pub mod tokenizer_train;
 
 pub use config::TrainConfig;
