@@ -61,6 +61,8 @@ enum Command {
     },
     /// Measure prefill / decode throughput, time to first token, peak RSS and KV bytes per token.
     Bench(bench::BenchArgs),
+    /// Accuracy, format-reward rate and pass@k on freshly generated held-out problems.
+    Eval(EvalArgs),
     /// Quantise a checkpoint's projections to a llama.cpp block format: writes OUT/model.gguf
     /// plus config and tokenizer files (loads anywhere a model directory is accepted).
     Quantize {
@@ -152,6 +154,32 @@ impl SamplingArgs {
             seed: self.seed,
         }
     }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// arithmetic, countdown, or a JSONL file of {"prompt", "answer"} lines.
+    #[arg(long, default_value = "arithmetic")]
+    task: String,
+    /// Problems to evaluate.
+    #[arg(long, default_value_t = 100)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples per problem for pass@k (1: greedy).
+    #[arg(long, default_value_t = 1)]
+    k: usize,
+    /// Sampling temperature of the pass@k samples.
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f64,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<WeightQuant>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
 }
 
 #[derive(Args)]
@@ -256,6 +284,68 @@ fn load_tokenizer(path: &Path) -> Result<Option<TextTokenizer>> {
         Some(file) => Ok(Some(GgufCheckpoint::open(&file)?.tokenizer()?)),
         None => Ok(None),
     }
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    use fathom_train::evaluate::{evaluate, EvalOptions, TaskSource};
+    let dir = resolve_model(&a.model)?;
+    let l = load_with(&dir, a.quant)?;
+    let tok = l
+        .tok
+        .as_ref()
+        .with_context(|| format!("{}: eval needs a tokenizer", dir.display()))?;
+    if tok.chat_template.is_none() {
+        bail!("{}: eval needs a chat template", dir.display());
+    }
+    if a.n == 0 || a.k == 0 {
+        bail!("--n and --k must be > 0");
+    }
+    let source = TaskSource::parse(&a.task);
+    let problems = source
+        .problems(a.n, a.seed, fathom_train::tasks::Split::HeldOut)
+        .map_err(anyhow::Error::msg)?;
+    let bar = indicatif::ProgressBar::new(problems.len() as u64);
+    if a.format == Format::Json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let opts = EvalOptions {
+        max_tokens: a.max_tokens,
+        k: a.k,
+        temperature: a.temperature,
+        seed: a.seed,
+    };
+    let r = evaluate(&l.model, tok, &problems, &opts, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    if a.format == Format::Json {
+        let mut v = serde_json::to_value(&r)?;
+        v["task"] = json!(a.task);
+        v["model"] = json!(dir.display().to_string());
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {} held-out {} problems (seed {}): accuracy {:.1} %, format {:.1} %, pass@{} {:.1} %, {:.0} tokens per completion, {:.1} s",
+            dir.display(),
+            r.n,
+            a.task,
+            a.seed,
+            100.0 * r.accuracy,
+            100.0 * r.format_rate,
+            r.k,
+            100.0 * r.pass_at_k,
+            r.mean_completion_tokens,
+            r.seconds
+        );
+        for (q, c, ok) in &r.examples {
+            println!(
+                "\n[{}] {q}\n{}",
+                if *ok { "correct" } else { "wrong" },
+                c.trim()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn cmd_quantize(model: Option<PathBuf>, to: WeightQuant, out: PathBuf) -> Result<()> {
@@ -590,6 +680,7 @@ fn main() {
         Command::Inspect { model, format } => cmd_inspect(model, format),
         Command::Bench(b) => resolve_model(&b.model).and_then(|d| bench::cmd_bench(b, d)),
         Command::Quantize { model, to, out } => cmd_quantize(model, to, out),
+        Command::Eval(a) => cmd_eval(a),
         Command::Train(a) => train_cmds::cmd_train(a),
         Command::Tokenizer(c) => train_cmds::cmd_tokenizer(c),
         Command::Plot { run_dir, out } => train_cmds::cmd_plot(run_dir, out),

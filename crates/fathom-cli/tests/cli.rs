@@ -530,3 +530,46 @@ fn llama_cpp_gguf_files_run_with_their_own_tokenizer() {
     assert_eq!(v["architecture"], "deepseek_v3");
     assert_eq!(v["mtp_modules"], 0);
 }
+
+#[test]
+fn eval_reports_accuracy_format_and_pass_at_k() {
+    let (ok, out, err) = fathom(&[
+        "eval",
+        "--n",
+        "2",
+        "--k",
+        "2",
+        "--max-tokens",
+        "8",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for key in ["accuracy", "format_rate", "pass_at_k"] {
+        let x = v[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&x), "{key} {x}");
+    }
+    assert_eq!(v["n"], 2);
+    assert_eq!(v["k"], 2);
+    // User tasks from JSONL; a bad file names the line.
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("tasks.jsonl");
+    std::fs::write(&f, "{\"prompt\": \"Say 4.\", \"answer\": \"4\"}\n").unwrap();
+    let (ok, out, err) = fathom(&[
+        "eval",
+        "--task",
+        f.to_str().unwrap(),
+        "--n",
+        "5",
+        "--max-tokens",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"n\":1"), "{out}");
+    std::fs::write(&f, "{\"prompt\": 1}\n").unwrap();
+    let (ok, _, err) = fathom(&["eval", "--task", f.to_str().unwrap()]);
+    assert!(!ok && err.contains("tasks.jsonl:1"), "{err}");
+}

@@ -11,6 +11,7 @@
 //! - [`pretrain`]: the loop, with exact resume.
 //! - [`tasks`]: verifiable tasks (arithmetic, countdown, JSONL) with disjoint train/held-out splits.
 //! - [`rewards`]: rule-based accuracy and format rewards, composable with weights.
+//! - [`evaluate`]: held-out accuracy, format rate and pass@k through the inference engine.
 //! - [`grpo`]: group-normalised advantages and the clipped GRPO objective with k3 KL.
 
 pub mod arithmetic;
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod evaluate;
 pub mod grpo;
 pub mod metrics;
 pub mod objective;
