@@ -12,6 +12,18 @@
 
 use candle_core::{DType, Result, Tensor};
 
+/// log π(tokens[:, t+1] | tokens[:, ..=t]) for every position: [n, L] ids → [n, L−1]
+/// log-probabilities of each next token (differentiable through the model's weights). The
+/// policy, reference and sampling-policy terms of the loss all come from this.
+pub fn token_logprobs(model: &fathom_model::CausalLm, tokens: &Tensor) -> Result<Tensor> {
+    let (_, l) = tokens.dims2()?;
+    let inputs = tokens.narrow(1, 0, l - 1)?;
+    let targets = tokens.narrow(1, 1, l - 1)?.contiguous()?;
+    let logits = model.forward(&inputs, 0, None)?; // [n, L−1, V]
+    let logp = fathom_model::ops::log_softmax_last(&logits)?;
+    logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)
+}
+
 /// Group-normalised advantages for `rewards` laid out as consecutive groups of `group`.
 pub fn group_advantages(rewards: &[f64], group: usize, scale_by_std: bool) -> Vec<f64> {
     assert!(
@@ -139,6 +151,38 @@ fn masked_mean_all(x: &Tensor, mask: &Tensor) -> Result<f64> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn token_logprobs_are_the_log_softmax_at_the_next_token() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/deepseek_v3_tiny");
+        let model = fathom_model::CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let ids: Vec<u32> = vec![0, 5, 17, 42, 99, 7, 3, 250];
+        let tokens = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got: Vec<f32> = token_logprobs(&model, &tokens)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let logits: Vec<Vec<f32>> = model
+            .forward(&tokens, 0, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for t in 0..ids.len() - 1 {
+            let row = &logits[t];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+            let want = row[ids[t + 1] as usize] - lse;
+            assert!((got[t] - want).abs() < 1e-4, "t {t}: {} vs {want}", got[t]);
+        }
+    }
 
     fn t(v: &[f64], shape: (usize, usize)) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
