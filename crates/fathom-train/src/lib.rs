@@ -10,6 +10,7 @@
 //! - [`metrics`]: JSONL metrics and PNG plots.
 //! - [`pretrain`]: the loop, with exact resume.
 //! - [`tasks`]: verifiable tasks (arithmetic, countdown, JSONL) with disjoint train/held-out splits.
+//! - [`sft_data`]: chat conversations → token ids with the assistant-target loss mask.
 //! - [`rewards`]: rule-based accuracy and format rewards, composable with weights.
 //! - [`evaluate`]: held-out accuracy, format rate and pass@k through the inference engine.
 //! - [`grpo`]: group-normalised advantages and the clipped GRPO objective with k3 KL.
@@ -27,6 +28,7 @@ pub mod objective;
 pub mod optim;
 pub mod pretrain;
 pub mod rewards;
+pub mod sft_data;
 pub mod tasks;
 pub mod tokenizer_train;
 
