@@ -12,6 +12,7 @@
 //! - [`tasks`]: verifiable tasks (arithmetic, countdown, JSONL) with disjoint train/held-out splits.
 //! - [`sft_data`]: chat conversations → token ids with the assistant-target loss mask.
 //! - [`rewards`]: rule-based accuracy and format rewards, composable with weights.
+//! - [`distill`]: logit distillation losses (forward KL with temperature, generalised JSD).
 //! - [`evaluate`]: held-out accuracy, format rate and pass@k through the inference engine.
 //! - [`grpo`]: group-normalised advantages and the clipped GRPO objective with k3 KL.
 
@@ -20,6 +21,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod evaluate;
 pub mod grpo;
