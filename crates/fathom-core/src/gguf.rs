@@ -24,7 +24,7 @@ use crate::config::{ModelConfig, QuantizedSource, RopeScaling};
 use crate::error::{FathomError, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use serde_json::{json, Value};
 use std::borrow::Cow;
@@ -582,9 +582,6 @@ impl GgufCheckpoint {
             .filter(|s| self.present(s))
             .ok_or_else(|| self.err(hf, "missing from the GGUF file"))?;
         match src {
-            Source::Tensor(n) => self.load_gguf_f32(&n),
-            Source::Expert(n, e) => Ok(self.expert(&n, e)?.dequantize(&Device::Cpu)?),
-            Source::Unpermute(n, h) => Ok(self.unpermute(&n, h)?.dequantize(&Device::Cpu)?),
             Source::KvB { k_b, v_b } => {
                 let k = self.load_gguf_f32(&k_b)?; // [H, r, d_nope]
                 let v = self.load_gguf_f32(&v_b)?; // [H, d_v, r]
@@ -593,23 +590,19 @@ impl GgufCheckpoint {
                 let rows = joined.dim(1)?;
                 Ok(joined.reshape((h * rows, r))?.contiguous()?)
             }
+            other => Ok(self.block_tensor(&other)?.dequantize(&Device::Cpu)?),
         }
     }
 
-    /// Load `hf`, check its shape, convert to `dtype` on `dev`.
-    pub fn load(&self, hf: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = self.load_f32(hf)?;
-        if t.shape() != shape {
-            return Err(self.err(
-                hf,
-                format!(
-                    "shape mismatch: file has {:?}, the config implies {:?}",
-                    t.dims(),
-                    shape.dims()
-                ),
-            ));
+    /// The tensor a single-tensor source names, in its stored format (experts sliced, Llama rows
+    /// unpermuted). `KvB` is two tensors and is joined by `load_f32` instead.
+    fn block_tensor(&self, src: &Source) -> Result<QTensor> {
+        match src {
+            Source::Tensor(n) => self.stored(n),
+            Source::Expert(n, e) => self.expert(n, *e),
+            Source::Unpermute(n, h) => self.unpermute(n, *h),
+            Source::KvB { k_b, .. } => Err(self.err(k_b, "kv_b_proj is two tensors, not one")),
         }
-        Ok(t.to_dtype(dtype)?.to_device(dev)?)
     }
 
     /// The tokenizer the metadata describes (byte-level BPE, llama.cpp's `gpt2` model).
@@ -635,26 +628,21 @@ impl QuantizedSource for GgufCheckpoint {
         if !is_block_format(dtype) {
             return Ok(None);
         }
-        Ok(Some(match src {
-            Source::Tensor(n) => self.stored(&n)?,
-            Source::Expert(n, e) => self.expert(&n, e)?,
-            Source::Unpermute(n, h) => self.unpermute(&n, h)?,
-            Source::KvB { .. } => unreachable!(),
-        }))
+        self.block_tensor(&src).map(Some)
     }
 }
 
 /// Model construction reads non-projection tensors (norms, embeddings, routers) through this, via
 /// `SourceBackend`; the same checkpoint, shared, is the [`QuantizedSource`] of the projections.
 impl crate::weights::TensorSource for std::sync::Arc<GgufCheckpoint> {
-    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
-        GgufCheckpoint::load(self, name, shape, dtype, dev)
-    }
     fn load_f32(&self, name: &str) -> Result<Tensor> {
         GgufCheckpoint::load_f32(self, name)
     }
     fn contains(&self, name: &str) -> bool {
         GgufCheckpoint::contains(self, name)
+    }
+    fn file_of(&self, _name: &str) -> PathBuf {
+        self.path.clone()
     }
 }
 

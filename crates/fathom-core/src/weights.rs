@@ -244,23 +244,6 @@ impl WeightStore {
         Ok(t)
     }
 
-    /// Load `name`, check its shape, convert to `dtype` on `dev`.
-    pub fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = self.load_f32(name)?;
-        if t.shape() != shape {
-            return Err(FathomError::weights(
-                &self.file_of(name),
-                name,
-                format!(
-                    "shape mismatch: checkpoint has {:?}, the config implies {:?}",
-                    t.dims(),
-                    shape.dims()
-                ),
-            ));
-        }
-        Ok(t.to_dtype(dtype)?.to_device(dev)?)
-    }
-
     /// Size in bytes and dtype of every tensor, for inspection.
     pub fn summary(&self) -> HashMap<String, (StDtype, Vec<usize>)> {
         let mut out = HashMap::new();
@@ -316,21 +299,39 @@ pub fn dequantize_fp8_blocks(
 /// What a checkpoint format provides to model construction: HF-named tensors as f32 (converted to
 /// the requested dtype by [`SourceBackend`]).
 pub trait TensorSource: Send + Sync {
-    /// Tensor `name` checked against `shape`, converted to `dtype` on `dev`.
-    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor>;
+    /// Tensor `name` as f32 on the CPU.
     fn load_f32(&self, name: &str) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
+    /// The file `name` comes from, for error messages.
+    fn file_of(&self, name: &str) -> PathBuf;
+
+    /// Tensor `name` checked against `shape`, converted to `dtype` on `dev`.
+    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.load_f32(name)?;
+        if t.shape() != shape {
+            return Err(FathomError::weights(
+                &self.file_of(name),
+                name,
+                format!(
+                    "shape mismatch: checkpoint has {:?}, the config implies {:?}",
+                    t.dims(),
+                    shape.dims()
+                ),
+            ));
+        }
+        Ok(t.to_dtype(dtype)?.to_device(dev)?)
+    }
 }
 
 impl TensorSource for WeightStore {
-    fn load(&self, name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tensor> {
-        WeightStore::load(self, name, shape, dtype, dev)
-    }
     fn load_f32(&self, name: &str) -> Result<Tensor> {
         WeightStore::load_f32(self, name)
     }
     fn contains(&self, name: &str) -> bool {
         WeightStore::contains(self, name)
+    }
+    fn file_of(&self, name: &str) -> PathBuf {
+        WeightStore::file_of(self, name)
     }
 }
 

@@ -50,13 +50,13 @@ pub fn causal_softmax_composed(x: &Tensor, scale: f64, offset: usize) -> Result<
     softmax_last(&scores)
 }
 
-/// Append this step's k/v [b, kv_heads, s, *] to the layer cache (when decoding incrementally), then
-/// attend with each kv head serving `rep` query heads. The cache holds the un-repeated kv heads.
+/// Append this step's k/v [b, heads, s, *] to the plain layer cache (when decoding
+/// incrementally), then attend over everything cached. (MLA's expanded path; GQA groups its
+/// query heads over the grouped cache instead, see `GqaAttention::forward`.)
 pub fn attend_cached(
     q: &Tensor,
     k: Tensor,
     v: Tensor,
-    rep: usize,
     scale: f64,
     offset: usize,
     cache: Option<&mut LayerCache>,
@@ -65,20 +65,7 @@ pub fn attend_cached(
         Some(c) => c.append(&k, &v)?,
         None => (k, v),
     };
-    attend(q, &repeat_kv(&k, rep)?, &repeat_kv(&v, rep)?, scale, offset)
-}
-
-/// [b, kv_heads, t, d] → [b, kv_heads·rep, t, d], each kv head serving `rep` query heads (the
-/// reference form; `GqaAttention` groups query heads instead).
-pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, h, rep, t, d))?
-        .contiguous()?
-        .reshape((b, h * rep, t, d))
+    attend(q, &k, &v, scale, offset)
 }
 
 #[derive(Debug, Clone)]

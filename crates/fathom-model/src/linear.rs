@@ -27,7 +27,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
-fn ggml(q: WeightQuant) -> GgmlDType {
+/// The GGML block type of a Fathom weight format.
+pub fn ggml_format(q: WeightQuant) -> GgmlDType {
     match q {
         WeightQuant::Q8_0 => GgmlDType::Q8_0,
         WeightQuant::Q4_0 => GgmlDType::Q4_0,
@@ -36,23 +37,26 @@ fn ggml(q: WeightQuant) -> GgmlDType {
     }
 }
 
-/// Quantise a dense [out, in] weight, falling back to q8_0 or f32 when blocks do not fit.
-pub fn ggml_format(q: WeightQuant) -> GgmlDType {
-    ggml(q)
+/// The block format a matrix with `inp` columns is stored in when `quant` is asked for: `quant`
+/// if its block divides the rows, else q8_0 (32-wide blocks), else `None` (stays float).
+pub fn block_format_for(quant: WeightQuant, inp: usize) -> Option<GgmlDType> {
+    [ggml_format(quant), GgmlDType::Q8_0]
+        .into_iter()
+        .find(|f| inp % f.block_size() == 0)
 }
 
+/// Quantise a dense [out, in] weight, falling back to q8_0 or f32 when blocks do not fit.
 pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
-    let inp = w.dim(1)?;
-    for format in [ggml(quant), GgmlDType::Q8_0] {
-        if inp % format.block_size() == 0 {
-            let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, format)?;
-            return Ok(Weight::Quantized {
+    match block_format_for(quant, w.dim(1)?) {
+        Some(format) => {
+            let q = QTensor::quantize(&w.to_dtype(DType::F32)?, format)?;
+            Ok(Weight::Quantized {
                 matmul: QMatMul::from_qtensor(q)?,
                 format,
-            });
+            })
         }
+        None => Ok(Weight::Dense(w)),
     }
-    Ok(Weight::Dense(w))
 }
 
 impl Linear {
@@ -112,41 +116,38 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) => linear(x, w, self.bias.as_ref()),
-            Weight::Quantized { matmul, .. } => {
-                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-                if rows >= DEQUANTIZE_FROM_ROWS {
-                    // Prefill: candle's quantised kernel is a dot product per (row, column) with no
-                    // tiling; expanding the weight once and running the f32 GEMM is several times
-                    // faster once enough rows share it (docs/benchmarks.md).
-                    if let QMatMul::QTensor(q) = matmul {
-                        let w = q.dequantize(x.device())?;
-                        return linear(x, &w, self.bias.as_ref());
-                    }
-                }
-                if let (QMatMul::QTensor(q), true) =
-                    (matmul, x.dtype() == DType::F32 && x.device().is_cpu())
-                {
-                    // Decode: Fathom's mat-vec kernel (crate::qgemv) when it covers the format.
-                    let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                    if let Some(y) = crate::qgemv::gemv(q, &host, rows) {
-                        let mut dims = x.dims().to_vec();
-                        *dims.last_mut().expect("rank ≥ 1") = q.shape().dims()[0];
-                        let y = Tensor::from_vec(y, dims, x.device())?;
-                        return match &self.bias {
-                            Some(b) => y.broadcast_add(b),
-                            None => Ok(y),
-                        };
-                    }
-                }
-                let y = matmul.forward(&x.contiguous()?)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+        let y = match &self.weight {
+            Weight::Dense(w) => return linear(x, w, self.bias.as_ref()),
+            Weight::Quantized { matmul, .. } => Self::forward_quantized(matmul, x)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// x Wᵀ for a block-quantised W: f32 GEMM over the expanded weight for prefill, Fathom's
+    /// mat-vec kernel for decode where it covers the format, else candle's quantised matmul.
+    fn forward_quantized(matmul: &QMatMul, x: &Tensor) -> Result<Tensor> {
+        let QMatMul::QTensor(q) = matmul else {
+            return matmul.forward(&x.contiguous()?);
+        };
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        if rows >= DEQUANTIZE_FROM_ROWS {
+            // Prefill: candle's quantised kernel is a dot product per (row, column) with no
+            // tiling; expanding the weight once and running the f32 GEMM is several times faster
+            // once enough rows share it (docs/benchmarks.md).
+            return linear(x, &q.dequantize(x.device())?, None);
+        }
+        if x.dtype() == DType::F32 && x.device().is_cpu() {
+            let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            if let Some(y) = crate::qgemv::gemv(q, &host, rows) {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = q.shape().dims()[0];
+                return Tensor::from_vec(y, dims, x.device());
             }
         }
+        matmul.forward(&x.contiguous()?)
     }
 
     /// The dense weight, when not quantised (training reads it).

@@ -248,7 +248,7 @@ impl Mla {
         )?;
         let q = Tensor::cat(&[&q_nope, &q_pe], D::Minus1)?;
 
-        let out = attend_cached(&q, k, v, 1, self.softmax_scale, offset, cache)?; // [b, h, s, d_v]
+        let out = attend_cached(&q, k, v, self.softmax_scale, offset, cache)?; // [b, h, s, d_v]
         let out = out.transpose(1, 2)?.reshape((b, s, h * m.v_head_dim))?;
         self.o_proj.forward(&out)
     }

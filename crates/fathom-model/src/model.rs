@@ -140,17 +140,12 @@ impl CausalLm {
         if let Some(q) = &cfg.quantization {
             store = store.with_fp8_block(q.weight_block_size);
         }
-        let has_mtp = cfg.num_nextn_predict_layers > 0
-            && store.contains(&format!(
-                "model.layers.{}.eh_proj.weight",
-                cfg.num_hidden_layers
-            ));
         let vb = VarBuilder::from_backend(
             Box::new(fathom_core::SourceBackend(store)),
             dtype,
             device.clone(),
         );
-        Self::build(&cfg, vb, has_mtp)
+        Self::build(&cfg, vb)
     }
 
     /// Load a GGUF file (llama.cpp's `deepseek2`/`qwen2`/`llama`, or one `fathom quantize` wrote).
@@ -164,24 +159,22 @@ impl CausalLm {
         let mut cfg = ckpt.model_config()?;
         cfg.weights.quantize = quant;
         cfg.weights.stored = Some(ckpt.clone());
-        let has_mtp = cfg.num_nextn_predict_layers > 0
-            && ckpt.contains(&format!(
-                "model.layers.{}.eh_proj.weight",
-                cfg.num_hidden_layers
-            ));
         let backend = fathom_core::SourceBackend(ckpt);
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let mut model = Self::build(&cfg, vb, has_mtp)?;
+        let mut model = Self::build(&cfg, vb)?;
         // Every tensor is copied out by now: unmap the file so its pages leave resident memory.
         model.cfg.weights.stored = None;
         Ok(model)
     }
 
-    fn build(
-        cfg: &ModelConfig,
-        vb: VarBuilder,
-        has_mtp: bool,
-    ) -> std::result::Result<Self, FathomError> {
+    /// Build from a checkpoint's VarBuilder; MTP modules when the config asks for them and the
+    /// checkpoint holds them.
+    fn build(cfg: &ModelConfig, vb: VarBuilder) -> std::result::Result<Self, FathomError> {
+        let has_mtp = cfg.num_nextn_predict_layers > 0
+            && vb.contains_tensor(&format!(
+                "model.layers.{}.eh_proj.weight",
+                cfg.num_hidden_layers
+            ));
         // Errors from the backend already name the file and tensor; keep the message as is.
         CausalLm::new(cfg, vb, has_mtp).map_err(|e| match e {
             candle_core::Error::Msg(m) => FathomError::Load(m),

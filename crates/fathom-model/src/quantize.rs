@@ -10,7 +10,7 @@
 //! whose block does not divide a row falls back to q8_0, else f32. Tensor names stay HF names and
 //! the config is embedded, so the file loads without translation.
 
-use crate::linear::ggml_format;
+use crate::linear::{block_format_for, ggml_format};
 use candle_core::quantized::{GgmlDType, QTensor};
 use fathom_core::gguf::write_fathom_gguf;
 use fathom_core::{FathomError, ModelConfig, WeightQuant, WeightStore};
@@ -87,16 +87,13 @@ pub fn quantize_checkpoint(
         report.input_bytes += raw.bytes.len() as u64;
         let t = store.load_f32(name)?;
         let dtype = if is_quantizable(name, t.dims()) {
-            let cols = t.dim(1)?;
-            if cols % want.block_size() == 0 {
-                report.quantized += 1;
-                want
-            } else if cols % GgmlDType::Q8_0.block_size() == 0 {
-                report.fell_back += 1;
-                GgmlDType::Q8_0
-            } else {
-                GgmlDType::F32
+            let chosen = block_format_for(format, t.dim(1)?);
+            match chosen {
+                Some(f) if f == want => report.quantized += 1,
+                Some(_) => report.fell_back += 1,
+                None => {}
             }
+            chosen.unwrap_or(GgmlDType::F32)
         } else if name.ends_with("embed_tokens.weight") {
             GgmlDType::F16
         } else {
