@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use fathom_model::CausalLm;
+use fathom_model::{CausalLm, KvCache};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -82,6 +82,36 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Prefill `prompt` into `cache`; (seconds, greedy next token).
+fn timed_prefill(model: &CausalLm, cache: &mut KvCache, prompt: &[u32]) -> Result<(f64, u32)> {
+    let ids = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
+    let t0 = Instant::now();
+    let logits = model.forward(&ids, 0, Some(cache))?;
+    let next = logits
+        .squeeze(0)?
+        .get(prompt.len() - 1)?
+        .argmax(0)?
+        .to_scalar::<u32>()?;
+    Ok((t0.elapsed().as_secs_f64(), next))
+}
+
+/// Greedy-decode `n` tokens one at a time from `next` at position `start`; seconds taken.
+fn timed_decode(
+    model: &CausalLm,
+    cache: &mut KvCache,
+    mut next: u32,
+    start: usize,
+    n: usize,
+) -> Result<f64> {
+    let t0 = Instant::now();
+    for i in 0..n {
+        let tok = Tensor::new(&[[next]], &Device::Cpu)?;
+        let logits = model.forward(&tok, start + i, Some(cache))?;
+        next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     let t_load = Instant::now();
     let model = CausalLm::load_quantized(&dir, DType::F32, &Device::Cpu, a.quant)?;
@@ -105,51 +135,25 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     let (mut best_pp, mut best_tg, mut best_ttft) = (0f64, 0f64, f64::INFINITY);
     let mut best_tg_after_prompt = 0f64;
     let mut kv_bytes_per_token = 0usize;
-    for _ in 0..a.repeat.max(1) {
-        let mut cache = if a.plain_cache {
+    let new_cache = || {
+        if a.plain_cache {
             model.new_plain_cache()
         } else {
             model.new_cache()
-        };
-        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let t0 = Instant::now();
-        let logits = model.forward(&ids, 0, Some(&mut cache))?;
-        let mut next = logits.squeeze(0)?.get(a.prompt_tokens - 1)?.argmax(0)?;
-        let _ = next.to_scalar::<u32>()?;
-        let prefill = t0.elapsed().as_secs_f64();
+        }
+    };
+    for _ in 0..a.repeat.max(1) {
+        let mut cache = new_cache();
+        let (prefill, next) = timed_prefill(&model, &mut cache, &prompt)?;
         best_pp = best_pp.max(a.prompt_tokens as f64 / prefill);
         best_ttft = best_ttft.min(prefill * 1e3);
-        let t1 = Instant::now();
-        for i in 0..a.gen_tokens {
-            let tok = Tensor::new(&[next.to_scalar::<u32>()?], &Device::Cpu)?.unsqueeze(0)?;
-            let l = model.forward(&tok, a.prompt_tokens + i, Some(&mut cache))?;
-            next = l.flatten_all()?.argmax(0)?;
-        }
-        let _ = next.to_scalar::<u32>()?;
-        best_tg_after_prompt =
-            best_tg_after_prompt.max(a.gen_tokens as f64 / t1.elapsed().as_secs_f64());
+        let secs = timed_decode(&model, &mut cache, next, a.prompt_tokens, a.gen_tokens)?;
+        best_tg_after_prompt = best_tg_after_prompt.max(a.gen_tokens as f64 / secs);
         // llama-bench's tg: decode from an empty context (the first token is not timed).
-        let mut fresh = if a.plain_cache {
-            model.new_plain_cache()
-        } else {
-            model.new_cache()
-        };
-        let first = Tensor::new(&[[prompt[0]]], &Device::Cpu)?;
-        let mut tok = model
-            .forward(&first, 0, Some(&mut fresh))?
-            .flatten_all()?
-            .argmax(0)?;
-        let _ = tok.to_scalar::<u32>()?;
-        let t2 = Instant::now();
-        for i in 0..a.gen_tokens {
-            let x = Tensor::new(&[tok.to_scalar::<u32>()?], &Device::Cpu)?.unsqueeze(0)?;
-            tok = model
-                .forward(&x, 1 + i, Some(&mut fresh))?
-                .flatten_all()?
-                .argmax(0)?;
-        }
-        let _ = tok.to_scalar::<u32>()?;
-        best_tg = best_tg.max(a.gen_tokens as f64 / t2.elapsed().as_secs_f64());
+        let mut fresh = new_cache();
+        let (_, first) = timed_prefill(&model, &mut fresh, &prompt[..1])?;
+        let secs = timed_decode(&model, &mut fresh, first, 1, a.gen_tokens)?;
+        best_tg = best_tg.max(a.gen_tokens as f64 / secs);
         kv_bytes_per_token = cache.bytes() / cache.seq_len().max(1);
     }
     let threads = candle_core::utils::get_num_threads();

@@ -51,11 +51,9 @@ fn masked_mean(per: &Tensor, mask: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
-    fn t(v: &[f64], shape: (usize, usize)) -> Tensor {
-        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_util::{assert_gradient_matches_fd, tensor as t};
 
     fn kl(p: &[f64], q: &[f64]) -> f64 {
         p.iter().zip(q).map(|(a, b)| a * (a / b).ln()).sum()
@@ -123,29 +121,7 @@ mod tests {
             ("jsd", |s, t, m| generalized_jsd(s, t, m, 0.3).unwrap()),
         ];
         for (name, f) in losses {
-            let var = Var::from_tensor(&t(&base, (2, 3))).unwrap();
-            let g: Vec<f64> = f(var.as_tensor(), &teacher, &mask)
-                .backward()
-                .unwrap()
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for i in 0..base.len() {
-                let h = 1e-6;
-                let (mut up, mut down) = (base, base);
-                up[i] += h;
-                down[i] -= h;
-                let val = |v: &[f64]| {
-                    f(&t(v, (2, 3)), &teacher, &mask)
-                        .to_scalar::<f64>()
-                        .unwrap()
-                };
-                let fd = (val(&up) - val(&down)) / (2.0 * h);
-                assert!((fd - g[i]).abs() < 1e-7, "{name} {i}: {fd} vs {}", g[i]);
-            }
+            assert_gradient_matches_fd(name, &base, (2, 3), 1e-7, |x| f(x, &teacher, &mask));
         }
     }
 }

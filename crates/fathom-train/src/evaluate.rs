@@ -112,9 +112,11 @@ pub fn evaluate(
         let ok = Accuracy.score(p, &g.text) > 0.0;
         correct += ok as usize;
         formatted += (Format.score(p, &g.text) > 0.0) as usize;
-        // pass@k: k samples at the sampling temperature, any correct (greedy when k = 1).
+        // pass@k: k samples at the sampling temperature, any correct (greedy when k = 1); stops at
+        // the first correct sample.
         let mut any = opts.k <= 1 && ok;
-        for s in 0..if opts.k > 1 { opts.k } else { 0 } {
+        let samples = if opts.k > 1 { opts.k } else { 0 };
+        for s in 0..samples {
             if any {
                 break;
             }

@@ -150,7 +150,7 @@ fn masked_mean_all(x: &Tensor, mask: &Tensor) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     #[test]
     fn token_logprobs_are_the_log_softmax_at_the_next_token() {
@@ -184,9 +184,7 @@ mod tests {
         }
     }
 
-    fn t(v: &[f64], shape: (usize, usize)) -> Tensor {
-        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_util::{assert_gradient_matches_fd, tensor as t};
 
     #[test]
     fn advantages_by_hand() {
@@ -273,36 +271,17 @@ mod tests {
                 beta: 0.05,
                 token_level,
             };
-            let var = Var::from_tensor(&t(&base, (2, 3))).unwrap();
-            let (loss, _) =
-                grpo_loss(var.as_tensor(), &old, Some(&reference), &adv, &mask, &cfg).unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<f64> = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let f = |v: &[f64]| {
-                grpo_loss(&t(v, (2, 3)), &old, Some(&reference), &adv, &mask, &cfg)
-                    .unwrap()
-                    .0
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            for i in 0..base.len() {
-                let h = 1e-6;
-                let (mut up, mut down) = (base, base);
-                up[i] += h;
-                down[i] -= h;
-                let fd = (f(&up) - f(&down)) / (2.0 * h);
-                assert!(
-                    (fd - g[i]).abs() < 1e-7,
-                    "token_level {token_level}, i {i}: {fd} vs {}",
-                    g[i]
-                );
-            }
+            assert_gradient_matches_fd(
+                &format!("token_level {token_level}"),
+                &base,
+                (2, 3),
+                1e-7,
+                |x| {
+                    grpo_loss(x, &old, Some(&reference), &adv, &mask, &cfg)
+                        .unwrap()
+                        .0
+                },
+            );
         }
     }
 }

@@ -32,6 +32,8 @@ pub mod pretrain;
 pub mod rewards;
 pub mod sft_data;
 pub mod tasks;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer_train;
 
 pub use config::TrainConfig;
