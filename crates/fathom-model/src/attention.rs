@@ -1,7 +1,7 @@
 //! Scaled dot-product attention with a causal mask, and the grouped-query attention block of
 //! Qwen2/Llama (q/k/v projections, optional qkv bias, half-split rope, shared KV heads).
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Segment};
 use crate::linear::Linear;
 use crate::ops::softmax_last;
 use crate::rope::Rope;
@@ -104,6 +104,15 @@ impl GqaAttention {
         })
     }
 
+    /// q [b, s, h·d], k and v [b, s, kv_heads·d] (before rope).
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        ))
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,
@@ -111,11 +120,47 @@ impl GqaAttention {
         offset: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let shape = |t: Tensor, h: usize| t.reshape((b, s, h, self.head_dim))?.transpose(1, 2);
-        let q = shape(self.q_proj.forward(x)?, self.heads)?;
-        let k = shape(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = shape(self.v_proj.forward(x)?, self.kv_heads)?;
+        let (q, k, v) = self.project(x)?;
+        self.o_proj
+            .forward(&self.attend(&q, &k, &v, rope, offset, cache)?)
+    }
+
+    /// A packed batch x [1, T, hidden] of several sequences' rows (`segments`, one cache each):
+    /// projections once over all rows, attention per sequence.
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        segments: &[Segment],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
+        let outs = segments
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(s, c)| {
+                let rows = |t: &Tensor| t.narrow(1, s.start, s.len);
+                self.attend(&rows(&q)?, &rows(&k)?, &rows(&v)?, rope, s.offset, Some(&mut **c))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// Attention of one sequence's projected rows at positions offset..: [b, s, h·d] before o_proj.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = q.dims3()?;
+        let shape = |t: &Tensor, h: usize| t.reshape((b, s, h, self.head_dim))?.transpose(1, 2);
+        let q = shape(q, self.heads)?;
+        let k = shape(k, self.kv_heads)?;
+        let v = shape(v, self.kv_heads)?;
         let q = rope.apply(&q.contiguous()?, offset)?;
         let k = rope.apply(&k.contiguous()?, offset)?;
         let (kvh, rep, d) = (self.kv_heads, self.heads / self.kv_heads, self.head_dim);
@@ -133,10 +178,8 @@ impl GqaAttention {
         let raw = q.matmul(&k.t()?)?; // [b·kvh, rep·s, t]
         let probs = causal_softmax(&raw.reshape((b * kvh, rep, s, t))?, scale, offset)?;
         let out = probs.reshape((b * kvh, rep * s, t))?.matmul(&v)?; // [b·kvh, rep·s, d]
-        let out = out
-            .reshape((b, self.heads, s, d))?
+        out.reshape((b, self.heads, s, d))?
             .transpose(1, 2)?
-            .reshape((b, s, self.heads * d))?;
-        self.o_proj.forward(&out)
+            .reshape((b, s, self.heads * d))
     }
 }

@@ -12,6 +12,16 @@
 
 use candle_core::{Result, Tensor};
 
+/// Rows start..start+len of a packed batch [1, T, ·] that belong to one sequence, whose first row
+/// sits at position `offset` of that sequence (continuous batching packs several sequences, each
+/// with its own cache, into one forward pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+    pub offset: usize,
+}
+
 /// A [batch, seq, dim] sequence buffer written in place; capacity doubles when full.
 #[derive(Debug, Clone, Default)]
 pub struct SeqBuffer {

@@ -2,7 +2,7 @@
 //! attention and a dense MLP or DeepSeekMoE feed-forward.
 
 use crate::attention::GqaAttention;
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Segment};
 use crate::mla::Mla;
 use crate::mlp::Mlp;
 use crate::moe::{Moe, Routing};
@@ -80,7 +80,29 @@ impl DecoderLayer {
             Attention::Mla(m) => m.forward(&h, rope, offset, cache)?,
             Attention::Gqa(g) => g.forward(&h, rope, offset, cache)?,
         };
-        let x = (x + a)?;
+        self.feed_forward(x, &a)
+    }
+
+    /// A packed batch x [1, T, hidden] of several sequences (continuous batching): attention per
+    /// sequence over its own cache, everything else over all rows at once.
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        segments: &[Segment],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let a = match &self.attn {
+            Attention::Mla(m) => m.forward_packed(&h, rope, segments, caches)?,
+            Attention::Gqa(g) => g.forward_packed(&h, rope, segments, caches)?,
+        };
+        Ok(self.feed_forward(x, &a)?.0)
+    }
+
+    /// The second half of the block: h = x + attn; out = h + FFN(RMSNorm(h)).
+    fn feed_forward(&self, x: &Tensor, attn: &Tensor) -> Result<(Tensor, Option<Routing>)> {
+        let x = (x + attn)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let (f, routing) = match &self.ffn {
             FeedForward::Dense(m) => (m.forward(&h)?, None),

@@ -14,7 +14,7 @@
 //!   stale.
 
 use crate::attention::{attend_cached, causal_softmax};
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Segment};
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::ops::linear;
@@ -121,6 +121,12 @@ impl Mla {
         }
     }
 
+    /// The two input projections of x [b, s, hidden]: queries [b, s, h·d_qk] and the joint
+    /// down-projection [c_kv ‖ k_pe] [b, s, kv_lora_rank + d_rope] (before its norm and rope).
+    pub fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.query(x)?, self.kv_a_proj_with_mqa.forward(x)?))
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,
@@ -128,21 +134,63 @@ impl Mla {
         offset: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let (q, ckv) = self.project(x)?;
+        self.o_proj
+            .forward(&self.attend(&q, &ckv, rope, offset, cache)?)
+    }
+
+    /// A packed batch x [1, T, hidden] whose rows are runs of several sequences (`segments`, each
+    /// with its own cache): the projections run once over all rows, attention per sequence.
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        segments: &[Segment],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (q, ckv) = self.project(x)?;
+        let outs = segments
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(s, c)| {
+                self.attend(
+                    &q.narrow(1, s.start, s.len)?,
+                    &ckv.narrow(1, s.start, s.len)?,
+                    rope,
+                    s.offset,
+                    Some(&mut **c),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// Attention of one sequence's projected rows (q, ckv from `project`) at positions offset..:
+    /// the output before o_proj [b, s, h·d_v]. Absorbed over a latent cache, expanded otherwise.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        ckv: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
         match cache {
-            Some(c) if c.latent_mode => self.forward_absorbed(x, rope, offset, c),
-            other => self.forward_expanded(x, rope, offset, other),
+            Some(c) if c.latent_mode => self.attend_absorbed(q, ckv, rope, offset, c),
+            other => self.attend_expanded(q, ckv, rope, offset, other),
         }
     }
 
     /// The absorbed form over the latent cache (c_kv, k_pe appended for this step's tokens).
-    pub fn forward_absorbed(
+    fn attend_absorbed(
         &self,
-        x: &Tensor,
+        q: &Tensor,
+        ckv: &Tensor,
         rope: &Rope,
         offset: usize,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        let (b, s, _) = q.dims3()?;
         let m = &self.dims;
         let (h, dn, dr, dv, r) = (
             self.heads,
@@ -151,7 +199,7 @@ impl Mla {
             m.v_head_dim,
             m.kv_lora_rank,
         );
-        let q = self.query(x)?.reshape((b, s, h, dn + dr))?;
+        let q = q.reshape((b, s, h, dn + dr))?;
         // q_nope as [h, b·s, d_nope] for the per-head absorption.
         let q_nope = q
             .narrow(D::Minus1, 0, dn)?
@@ -163,7 +211,6 @@ impl Mla {
             offset,
         )?; // [b, h, s, d_rope]
 
-        let ckv = self.kv_a_proj_with_mqa.forward(x)?;
         let c_kv = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, r)?)?;
         let k_pe = rope
             .apply(
@@ -203,21 +250,21 @@ impl Mla {
             .permute((1, 2, 0, 3))?
             .contiguous()?
             .reshape((b, s, h * dv))?;
-        self.o_proj.forward(&o)
+        Ok(o)
     }
 
     /// The expanded form (training; the plain cache).
-    pub fn forward_expanded(
+    fn attend_expanded(
         &self,
-        x: &Tensor,
+        q: &Tensor,
+        ckv: &Tensor,
         rope: &Rope,
         offset: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        let (b, s, _) = q.dims3()?;
         let m = &self.dims;
         let h = self.heads;
-        let q = self.query(x)?;
         let q = q.reshape((b, s, h, m.qk_head_dim()))?.transpose(1, 2)?; // [b, h, s, d_qk]
         let q_nope = q.narrow(D::Minus1, 0, m.qk_nope_head_dim)?;
         let q_pe = rope.apply(
@@ -226,7 +273,6 @@ impl Mla {
             offset,
         )?;
 
-        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [b, s, r_kv + d_rope]
         let c_kv = self
             .kv_a_layernorm
             .forward(&ckv.narrow(D::Minus1, 0, m.kv_lora_rank)?)?;
@@ -249,7 +295,6 @@ impl Mla {
         let q = Tensor::cat(&[&q_nope, &q_pe], D::Minus1)?;
 
         let out = attend_cached(&q, k, v, self.softmax_scale, offset, cache)?; // [b, h, s, d_v]
-        let out = out.transpose(1, 2)?.reshape((b, s, h * m.v_head_dim))?;
-        self.o_proj.forward(&out)
+        out.transpose(1, 2)?.reshape((b, s, h * m.v_head_dim))
     }
 }

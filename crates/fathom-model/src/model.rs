@@ -1,7 +1,7 @@
 //! The causal language model: embeddings → decoder layers → final norm → lm_head, plus DeepSeek-V3's
 //! MTP modules. One definition for DeepSeek-V3/V2, Qwen2 and Llama, used by training and inference.
 
-use crate::cache::{KvCache, LayerCache};
+use crate::cache::{KvCache, LayerCache, Segment};
 use crate::decoder::DecoderLayer;
 use crate::linear::Linear;
 use crate::moe::Routing;
@@ -291,6 +291,41 @@ impl CausalLm {
             hidden: self.norm.forward(&x)?,
             routings,
         })
+    }
+
+    /// Continuous batching's forward: `ids` are the rows of several sequences packed one after
+    /// another (`segments[j]` says which rows belong to sequence j and at which position its first
+    /// row sits; `caches[j]` is its cache, appended to). Returns logits [rows.len(), vocab] for the
+    /// packed rows listed in `rows` (typically each sequence's last row). Matches running each
+    /// sequence alone through `forward` (tests/packed.rs).
+    pub fn forward_packed(
+        &self,
+        ids: &[u32],
+        segments: &[Segment],
+        caches: &mut [&mut KvCache],
+        rows: &[u32],
+    ) -> Result<Tensor> {
+        if segments.len() != caches.len() {
+            candle_core::bail!(
+                "{} segments but {} caches",
+                segments.len(),
+                caches.len()
+            )
+        }
+        let covered: usize = segments.iter().map(|s| s.len).sum();
+        if covered != ids.len() || segments.iter().any(|s| s.start + s.len > ids.len()) {
+            candle_core::bail!("segments do not tile the {} packed rows", ids.len())
+        }
+        let mut x = self.embed(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            x = layer.forward_packed(&x, &self.rope, segments, &mut layer_caches)?;
+        }
+        let picked = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(rows, &self.device)?, 0)?;
+        self.logits(&self.norm.forward(&picked)?)
     }
 
     /// Logits [b, s, vocab] from normed hidden states.
