@@ -189,7 +189,7 @@ pub fn generate(
     let t1 = Instant::now();
     let mut finish = FinishReason::Length;
     while out.len() < opts.max_tokens {
-        let next = sampler.sample(&logits, &history);
+        let next = sampler.sample(&logits, &history, prompt.len());
         if !opts.ignore_eos && opts.eos_ids.contains(&next) {
             finish = FinishReason::Eos;
             break;

@@ -3,9 +3,16 @@
 //! - [`sampler`]: temperature, top-k, top-p, min-p, repetition penalty, seeded RNG.
 //! - [`generate`]: the decode loop over the KV cache, with streaming detokenisation, stop
 //!   strings and eos handling.
+//! - [`scheduler`]: continuous batching — an engine thread decoding every active sequence in one
+//!   packed forward per step, chunked prefill, bounded admission by KV memory.
+//! - [`prefix_cache`]: block-hashed reuse of shared prompt prefixes' KV, LRU-evicted.
 
 pub mod generate;
+pub mod prefix_cache;
 pub mod sampler;
+pub mod scheduler;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopMatcher, TextStream};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{token_logprobs, Sampler, SamplingParams};
+pub use prefix_cache::PrefixCache;
+pub use scheduler::{Engine, EngineMetrics, Event, Request, SchedulerConfig, SubmitError, TokenLogprob};

@@ -1,5 +1,7 @@
-//! Next-token sampling. Order of operations follows HF's logits processors: repetition penalty,
-//! temperature, then top-k, top-p and min-p filters on the probabilities; temperature 0 is greedy.
+//! Next-token sampling. Order of operations follows HF's logits processors: repetition penalty
+//! (over prompt and output, HF's multiplicative form), OpenAI's presence/frequency penalties (over
+//! the output only: l_j −= c_j·frequency + [c_j > 0]·presence), temperature, then top-k, top-p and
+//! min-p filters on the probabilities; temperature 0 is greedy.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -11,6 +13,8 @@ pub struct SamplingParams {
     pub top_p: f64,
     pub min_p: f64,
     pub repetition_penalty: f64,
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
     pub seed: u64,
 }
 
@@ -22,6 +26,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -48,6 +54,14 @@ impl SamplingParams {
                 self.repetition_penalty
             ));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
         if self.top_k == Some(0) {
             return Err("top_k must be >= 1".into());
         }
@@ -66,9 +80,22 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// Pick the next token from `logits` given the ids seen so far (prompt + generated).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Pick the next token from `logits` given the ids seen so far (prompt + generated);
+    /// `history[output_start..]` is the generated part (what presence/frequency penalties count).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], output_start: usize) -> u32 {
         let mut l: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        let (pp, fp) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if pp != 0.0 || fp != 0.0 {
+            let mut count = std::collections::HashMap::<u32, usize>::new();
+            for &t in history.get(output_start..).unwrap_or(&[]) {
+                *count.entry(t).or_default() += 1;
+            }
+            for (t, c) in count {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x -= c as f64 * fp + pp;
+                }
+            }
+        }
         let rp = self.params.repetition_penalty;
         if rp != 1.0 {
             let mut seen = vec![false; l.len()];
@@ -131,6 +158,28 @@ impl Sampler {
     }
 }
 
+/// OpenAI's `logprobs`: log-probability of `chosen` under the model's raw distribution
+/// (log-softmax of the logits, before any sampling transform, as vLLM reports by default) and the
+/// `top` most likely tokens with theirs, most likely first.
+pub fn token_logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let lp = |i: usize| logits[i] - log_z;
+    let mut best: Vec<usize> = (0..logits.len()).collect();
+    let top = top.min(logits.len());
+    if top > 0 {
+        best.select_nth_unstable_by(top - 1, |&a, &b| {
+            logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        });
+    }
+    best.truncate(top);
+    best.sort_by(|&a, &b| {
+        logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+    });
+    let chosen_lp = logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |_| lp(chosen as usize));
+    (chosen_lp, best.into_iter().map(|i| (i as u32, lp(i))).collect())
+}
+
 pub fn argmax(l: &[f64]) -> u32 {
     let mut best = 0;
     for (i, &x) in l.iter().enumerate() {
@@ -149,7 +198,7 @@ mod tests {
         let mut s = Sampler::new(params);
         let mut c = vec![0; logits.len()];
         for _ in 0..n {
-            c[s.sample(logits, &[]) as usize] += 1;
+            c[s.sample(logits, &[], 0) as usize] += 1;
         }
         c
     }
@@ -158,7 +207,7 @@ mod tests {
     fn greedy_and_filters() {
         let logits = [1.0f32, 3.0, 2.0, 0.5];
         assert_eq!(
-            Sampler::new(SamplingParams::default()).sample(&logits, &[]),
+            Sampler::new(SamplingParams::default()).sample(&logits, &[], 0),
             1
         );
         let c = counts(
@@ -234,12 +283,46 @@ mod tests {
             ..Default::default()
         });
         // token 0: 3.0 → 1.5 < 2.0
-        assert_eq!(s.sample(&[3.0, 2.0], &[0]), 1);
+        assert_eq!(s.sample(&[3.0, 2.0], &[0], 0), 1);
+        assert!(SamplingParams {
+            presence_penalty: 2.5,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(SamplingParams {
             top_p: 0.0,
             ..Default::default()
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_output_tokens_only() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.4,
+            ..Default::default()
+        };
+        // Token 0 appears in the prompt only: not penalised, stays the argmax.
+        let mut s = Sampler::new(params.clone());
+        assert_eq!(s.sample(&[3.0, 2.9, 0.0], &[0, 0, 0], 3), 0);
+        // Token 0 generated twice: 3.0 − (2·0.4 + 0.5) = 1.7 < 2.9 − (0.4 + 0.5) = 2.0.
+        assert_eq!(s.sample(&[3.0, 2.9, 0.0], &[5, 0, 0, 1], 1), 1);
+        // Once each: 3.0 − 0.9 = 2.1 > 2.9 − 0.9.
+        assert_eq!(s.sample(&[3.0, 2.9, 0.0], &[0, 1], 0), 0);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_of_raw_logits() {
+        let logits = [1.0f32, 3.0, 2.0];
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        let (lp, top) = token_logprobs(&logits, 2, 2);
+        assert!((lp - (2.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert!(token_logprobs(&logits, 0, 0).1.is_empty());
+        assert_eq!(token_logprobs(&logits, 0, 10).1.len(), 3);
     }
 }

@@ -27,6 +27,9 @@ pub struct Segment {
 pub struct SeqBuffer {
     data: Option<Tensor>,
     len: usize,
+    /// Positions to allocate room for at the first append (a server reserves a sequence's whole
+    /// budget up front, so its memory is known and buffers never double past it).
+    reserve: usize,
 }
 
 impl SeqBuffer {
@@ -35,7 +38,7 @@ impl SeqBuffer {
         let (b, s, d) = x.dims3()?;
         let cap = self.data.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
         if self.len + s > cap {
-            let new_cap = (self.len + s).max(2 * cap).max(16);
+            let new_cap = (self.len + s).max(2 * cap).max(16).max(self.reserve);
             let grown = Tensor::zeros((b, new_cap, d), x.dtype(), x.device())?;
             if let Some(old) = &self.data {
                 grown.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
@@ -54,6 +57,18 @@ impl SeqBuffer {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Copy of positions start..start+len [b, len, d].
+    pub fn copy_rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        match &self.data {
+            Some(t) if start + len <= self.len => t.narrow(1, start, len)?.copy(),
+            _ => candle_core::bail!(
+                "positions {start}..{} are not cached ({} are)",
+                start + len,
+                self.len
+            ),
+        }
     }
 
     /// Forget positions ≥ n (speculative decoding rolls rejected drafts back this way).
@@ -89,6 +104,20 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
+    /// The in-place buffers (latent c_kv, k_pe, grouped k, grouped v), in a fixed order.
+    fn seq_buffers(&self) -> [&SeqBuffer; 4] {
+        [&self.latent, &self.k_rope, &self.k_grouped, &self.v_grouped]
+    }
+
+    fn seq_buffers_mut(&mut self) -> [&mut SeqBuffer; 4] {
+        [
+            &mut self.latent,
+            &mut self.k_rope,
+            &mut self.k_grouped,
+            &mut self.v_grouped,
+        ]
+    }
+
     /// Append this step's k, v and return the full k, v to attend over.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match (&self.k, &self.v) {
@@ -149,6 +178,25 @@ impl LayerCache {
     }
 }
 
+/// A copy of the cached state of a run of positions, per layer and in-place buffer: what a
+/// prefix cache keeps for a block of prompt tokens and later appends to a new sequence's cache.
+#[derive(Debug, Clone)]
+pub struct CachedRows {
+    layers: Vec<[Option<Tensor>; 4]>,
+    pub len: usize,
+}
+
+impl CachedRows {
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
@@ -187,6 +235,59 @@ impl KvCache {
     pub fn truncate(&mut self, n: usize) -> Result<()> {
         for l in &mut self.layers {
             l.truncate(n)?;
+        }
+        Ok(())
+    }
+
+    /// Allocate room for `positions` at the first append of every buffer.
+    pub fn reserve(&mut self, positions: usize) {
+        for l in &mut self.layers {
+            for b in l.seq_buffers_mut() {
+                b.reserve = positions;
+            }
+        }
+    }
+
+    /// Copy out positions start..start+len (in-place caches only: latent or grouped).
+    pub fn copy_rows(&self, start: usize, len: usize) -> Result<CachedRows> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                if l.k.is_some() {
+                    candle_core::bail!("the plain cache cannot be copied by rows")
+                }
+                let mut out: [Option<Tensor>; 4] = Default::default();
+                for (o, b) in out.iter_mut().zip(l.seq_buffers()) {
+                    if !b.is_empty() {
+                        *o = Some(b.copy_rows(start, len)?);
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CachedRows { layers, len })
+    }
+
+    /// Append runs of cached rows (consecutive blocks, in order) after the positions held now.
+    pub fn append_rows(&mut self, runs: &[&CachedRows]) -> Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (slot, buf) in layer.seq_buffers_mut().into_iter().enumerate() {
+                let parts: Vec<&Tensor> = runs
+                    .iter()
+                    .filter_map(|r| r.layers.get(i).and_then(|l| l[slot].as_ref()))
+                    .collect();
+                if parts.is_empty() {
+                    continue;
+                }
+                if parts.len() != runs.len() {
+                    candle_core::bail!("cached rows of layer {i} come from different cache kinds")
+                }
+                buf.append(&Tensor::cat(&parts, 1)?)?;
+            }
         }
         Ok(())
     }

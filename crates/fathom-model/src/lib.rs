@@ -25,5 +25,5 @@ pub mod qgemv;
 pub mod quantize;
 pub mod rope;
 
-pub use cache::{KvCache, Segment};
+pub use cache::{CachedRows, KvCache, Segment};
 pub use model::{param_counts, CausalLm, ForwardOutput};

@@ -108,3 +108,45 @@ fn packed_rejects_segments_that_do_not_tile() {
         .forward_packed(&[1, 2, 3], &seg, &mut [&mut c], &[2])
         .is_err());
 }
+
+/// A prefix cache's round trip: rows copied out of one sequence's cache in blocks and appended to
+/// a fresh cache continue exactly as if the prefix had been computed there.
+fn check_copied_prefix(name: &str) {
+    let model = CausalLm::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let v = model.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..12u32).map(|i| (i * 11 + 5) % v).collect();
+    let mut first = model.new_cache();
+    let x = Tensor::new(&ids[..9], &model.device).unwrap().unsqueeze(0).unwrap();
+    model.forward(&x, 0, Some(&mut first)).unwrap();
+    let blocks = [first.copy_rows(0, 4).unwrap(), first.copy_rows(4, 4).unwrap()];
+    assert_eq!(blocks[0].len, 4);
+    assert!(blocks[0].bytes() > 0);
+    let mut second = model.new_cache();
+    second.reserve(32);
+    second.append_rows(&[&blocks[0], &blocks[1]]).unwrap();
+    assert_eq!(second.seq_len(), 8);
+    let seg = [Segment {
+        start: 0,
+        len: 4,
+        offset: 8,
+    }];
+    let got = model
+        .forward_packed(&ids[8..], &seg, &mut [&mut second], &[3])
+        .unwrap()
+        .get(0)
+        .unwrap();
+    let want = reference_last(&model, &ids);
+    assert!(max_abs_diff(&got, &want) < 2e-5, "{name}");
+    assert!(first.copy_rows(8, 4).is_err(), "rows past the cached ones");
+    assert!(model.new_plain_cache().copy_rows(0, 0).is_ok());
+}
+
+#[test]
+fn copied_prefix_continues_exactly_deepseek_v3() {
+    check_copied_prefix("deepseek_v3_tiny");
+}
+
+#[test]
+fn copied_prefix_continues_exactly_qwen2() {
+    check_copied_prefix("qwen2_tiny");
+}

@@ -1,0 +1,516 @@
+//! Continuous batching: one engine thread owns the model and runs a loop of steps. Each step packs
+//! one row for every decoding sequence plus up to `prefill_chunk` prompt rows of sequences still
+//! prefilling (chunked prefill: a long prompt advances a chunk per step, so running streams keep
+//! getting a token every step) into a single forward pass ([`CausalLm::forward_packed`]), samples
+//! each sequence's next token, and streams it out. New requests are admitted between steps.
+//!
+//! Bounded, never out of memory: at admission a sequence reserves KV memory for its whole budget
+//! (prompt + max_tokens, buffers pre-sized), and admission waits while the reservations plus the
+//! prefix cache would pass `max_kv_bytes` (the prefix cache is evicted first). At most `max_seqs`
+//! run at once; at most `max_queue` wait, beyond which `submit` refuses. A request whose event
+//! receiver is dropped (client gone) is freed at the next step.
+
+use crate::generate::{FinishReason, TextStream};
+use crate::prefix_cache::PrefixCache;
+use crate::sampler::{token_logprobs, Sampler, SamplingParams};
+use candle_core::Tensor;
+use fathom_core::TextTokenizer;
+use fathom_model::{CausalLm, KvCache, Segment};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences decoded together at most.
+    pub max_seqs: usize,
+    /// Bound on KV memory: reservations of running sequences plus the prefix cache.
+    pub max_kv_bytes: usize,
+    /// Prompt rows per step at most (chunked prefill).
+    pub prefill_chunk: usize,
+    /// Requests waiting for admission at most; more are refused.
+    pub max_queue: usize,
+    /// Keep and reuse the KV of shared prompt prefixes.
+    pub prefix_cache: bool,
+    /// Tokens per prefix-cache block.
+    pub block_size: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_seqs: 16,
+            max_kv_bytes: 1 << 30,
+            prefill_chunk: 256,
+            max_queue: 256,
+            prefix_cache: true,
+            block_size: 16,
+        }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Ids that end generation (besides stop strings), unless `ignore_eos`.
+    pub eos_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Report log-probabilities with this many alternatives (OpenAI `logprobs`/`top_logprobs`).
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Admitted; `cached_tokens` of the prompt came from the prefix cache.
+    Started { cached_tokens: usize },
+    /// A generated token and the text that became final with it (may be empty: held back until
+    /// a multi-byte character or a possible stop string resolves).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The end; `text` is whatever was still held back (e.g. a partial stop string that never
+    /// completed before eos).
+    Finished {
+        reason: FinishReason,
+        completion_tokens: usize,
+        text: String,
+    },
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error("the server is at capacity ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Counters the server exports at /metrics.
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    pub requests: AtomicU64,
+    pub rejected: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_reserved_bytes: AtomicUsize,
+    pub prefix_cache_bytes: AtomicUsize,
+}
+
+struct Submission {
+    req: Request,
+    tx: UnboundedSender<Event>,
+}
+
+/// Cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Submission>,
+    pub metrics: Arc<EngineMetrics>,
+    pub config: SchedulerConfig,
+    /// The model's context length (positions).
+    pub context_len: usize,
+    pub vocab_size: usize,
+    pub kv_bytes_per_token: usize,
+}
+
+impl Engine {
+    /// Start the engine thread. It stops once every handle is dropped and its work is done.
+    pub fn start(
+        model: Arc<CausalLm>,
+        tok: Option<Arc<TextTokenizer>>,
+        config: SchedulerConfig,
+    ) -> candle_core::Result<Engine> {
+        // Exact bytes per cached token: run one token through a cache of the kind used.
+        let mut probe = model.new_cache();
+        model.forward(&Tensor::new(&[[0u32]], &model.device)?, 0, Some(&mut probe))?;
+        let kv_bytes_per_token = probe.bytes().max(1);
+        let (tx, rx) = mpsc::channel();
+        let metrics = Arc::new(EngineMetrics::default());
+        let engine = Engine {
+            tx,
+            metrics: metrics.clone(),
+            config: config.clone(),
+            context_len: model.rope.max_positions(),
+            vocab_size: model.cfg.vocab_size,
+            kv_bytes_per_token,
+        };
+        std::thread::Builder::new()
+            .name("fathom-engine".into())
+            .spawn(move || {
+                let mut state = Loop::new(&model, tok.as_deref(), config, metrics, kv_bytes_per_token);
+                state.run(rx);
+            })
+            .map_err(|e| candle_core::Error::Msg(format!("cannot start the engine thread: {e}")))?;
+        Ok(engine)
+    }
+
+    /// KV bytes a request reserves: its whole budget of positions.
+    pub fn reservation(&self, prompt_len: usize, max_tokens: usize) -> usize {
+        (prompt_len + max_tokens).min(self.context_len) * self.kv_bytes_per_token
+    }
+
+    /// Queue a request; events arrive on the returned receiver. Dropping the receiver cancels.
+    pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is out of range: the vocabulary has {} entries",
+                self.vocab_size
+            )));
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
+        }
+        if req.prompt.len() + req.max_tokens > self.context_len {
+            return Err(SubmitError::Invalid(format!(
+                "this model's maximum context length is {} tokens; the request has {} prompt \
+                 tokens and asks for {} more",
+                self.context_len,
+                req.prompt.len(),
+                req.max_tokens
+            )));
+        }
+        let need = self.reservation(req.prompt.len(), req.max_tokens);
+        if need > self.config.max_kv_bytes {
+            return Err(SubmitError::Invalid(format!(
+                "the request needs {need} bytes of KV cache ({} prompt + {} new tokens); the \
+                 server's bound is {} bytes",
+                req.prompt.len(),
+                req.max_tokens,
+                self.config.max_kv_bytes
+            )));
+        }
+        req.params.validate().map_err(SubmitError::Invalid)?;
+        let waiting = self.metrics.waiting.load(Ordering::Relaxed);
+        if waiting >= self.config.max_queue {
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let (tx, rx) = unbounded_channel();
+        self.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Submission { req, tx }).map_err(|_| {
+            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Stopped
+        })?;
+        Ok(rx)
+    }
+}
+
+/// A running sequence.
+struct Sequence<'t> {
+    req: Request,
+    tx: UnboundedSender<Event>,
+    cache: KvCache,
+    /// Prompt then generated ids.
+    tokens: Vec<u32>,
+    /// Positions fed through the model (= cache length).
+    fed: usize,
+    sampler: Sampler,
+    stream: TextStream<'t>,
+    reserved: usize,
+    generated: usize,
+}
+
+impl Sequence<'_> {
+    fn prefilling(&self) -> bool {
+        self.fed < self.req.prompt.len()
+    }
+}
+
+struct Loop<'m> {
+    model: &'m CausalLm,
+    tok: Option<&'m TextTokenizer>,
+    cfg: SchedulerConfig,
+    metrics: Arc<EngineMetrics>,
+    kv_bytes_per_token: usize,
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence<'m>>,
+    prefix: PrefixCache,
+    reserved: usize,
+}
+
+impl<'m> Loop<'m> {
+    fn new(
+        model: &'m CausalLm,
+        tok: Option<&'m TextTokenizer>,
+        cfg: SchedulerConfig,
+        metrics: Arc<EngineMetrics>,
+        kv_bytes_per_token: usize,
+    ) -> Self {
+        Loop {
+            model,
+            tok,
+            prefix: PrefixCache::new(cfg.block_size),
+            cfg,
+            metrics,
+            kv_bytes_per_token,
+            waiting: VecDeque::new(),
+            running: vec![],
+            reserved: 0,
+        }
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Submission>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.drop_cancelled();
+            self.admit();
+            if !self.running.is_empty() {
+                if let Err(e) = self.step() {
+                    // The batch failed as a whole: every sequence in it gets the error.
+                    for s in self.running.drain(..) {
+                        let _ = s.tx.send(Event::Error(e.to_string()));
+                        self.reserved -= s.reserved;
+                    }
+                }
+                self.publish();
+            } else if !self.waiting.is_empty() {
+                // Nothing runs yet the head of the queue does not fit: only possible while the
+                // prefix cache holds the memory, which admit() evicts; avoid a busy loop anyway.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.running.store(self.running.len(), Ordering::Relaxed);
+        m.kv_reserved_bytes.store(self.reserved, Ordering::Relaxed);
+        m.prefix_cache_bytes
+            .store(self.prefix.bytes(), Ordering::Relaxed);
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.tx.is_closed());
+        let gone = before - self.waiting.len();
+        self.metrics.waiting.fetch_sub(gone, Ordering::Relaxed);
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].tx.is_closed() {
+                let s = self.running.swap_remove(i);
+                self.release(s, false);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Free a sequence's reservation; keep its KV blocks in the prefix cache when it completed.
+    fn release(&mut self, s: Sequence<'m>, cache_it: bool) {
+        self.reserved -= s.reserved;
+        if cache_it && self.cfg.prefix_cache {
+            let _ = self.prefix.insert(&s.tokens[..s.fed], &s.cache);
+            self.prefix
+                .evict_to(self.cfg.max_kv_bytes.saturating_sub(self.reserved));
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_seqs {
+            let Some(front) = self.waiting.front() else {
+                return;
+            };
+            let r = &front.req;
+            let need =
+                (r.prompt.len() + r.max_tokens).min(self.model.rope.max_positions())
+                    * self.kv_bytes_per_token;
+            let free = self.cfg.max_kv_bytes.saturating_sub(self.reserved);
+            if need > free {
+                return; // wait for running sequences to finish
+            }
+            self.prefix.evict_to(free - need);
+            let sub = self.waiting.pop_front().expect("front exists");
+            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            let mut cache = self.model.new_cache();
+            cache.reserve(sub.req.prompt.len() + sub.req.max_tokens);
+            let hit = if self.cfg.prefix_cache {
+                self.prefix.lookup(&sub.req.prompt)
+            } else {
+                vec![]
+            };
+            let hit_refs: Vec<_> = hit.iter().map(|b| &**b).collect();
+            if let Err(e) = cache.append_rows(&hit_refs) {
+                let _ = sub.tx.send(Event::Error(e.to_string()));
+                continue;
+            }
+            let cached = cache.seq_len();
+            self.metrics
+                .prompt_tokens
+                .fetch_add(sub.req.prompt.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .cached_prompt_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+            let _ = sub.tx.send(Event::Started {
+                cached_tokens: cached,
+            });
+            self.reserved += need;
+            self.running.push(Sequence {
+                sampler: Sampler::new(sub.req.params.clone()),
+                stream: TextStream::new(self.tok, &sub.req.stop),
+                tokens: sub.req.prompt.clone(),
+                fed: cached,
+                cache,
+                reserved: need,
+                generated: 0,
+                tx: sub.tx,
+                req: sub.req,
+            });
+        }
+    }
+
+    /// One forward pass over every running sequence's next rows, then sampling.
+    fn step(&mut self) -> candle_core::Result<()> {
+        let mut ids = vec![];
+        let mut segments = vec![];
+        let mut rows = vec![];
+        let mut members = vec![]; // index into running, and whether its last row is sampled
+        // Decoding sequences first (one row each), then prompt chunks under the budget.
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        let order: Vec<usize> = (0..self.running.len())
+            .filter(|&i| !self.running[i].prefilling())
+            .chain((0..self.running.len()).filter(|&i| self.running[i].prefilling()))
+            .collect();
+        for i in order {
+            let s = &self.running[i];
+            let n = if s.prefilling() {
+                if budget == 0 {
+                    continue;
+                }
+                let n = (s.req.prompt.len() - s.fed).min(budget);
+                budget -= n;
+                n
+            } else {
+                1
+            };
+            segments.push(Segment {
+                start: ids.len(),
+                len: n,
+                offset: s.fed,
+            });
+            ids.extend_from_slice(&s.tokens[s.fed..s.fed + n]);
+            let samples = s.fed + n >= s.req.prompt.len();
+            if samples {
+                rows.push(ids.len() as u32 - 1);
+            }
+            members.push((i, n, samples));
+        }
+        // Disjoint &mut caches in the batch's order.
+        let logits = {
+            let mut slots: Vec<Option<&mut KvCache>> =
+                self.running.iter_mut().map(|s| Some(&mut s.cache)).collect();
+            let mut caches: Vec<&mut KvCache> = members
+                .iter()
+                .map(|&(i, _, _)| slots[i].take().expect("each sequence once"))
+                .collect();
+            self.model
+                .forward_packed(&ids, &segments, &mut caches, &rows)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2::<f32>()?
+        };
+        self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        let mut finished = vec![];
+        let mut row = 0;
+        for &(i, n, samples) in &members {
+            let s = &mut self.running[i];
+            let was_prefilling = s.prefilling();
+            s.fed += n;
+            if was_prefilling && !s.prefilling() && self.cfg.prefix_cache {
+                // The prompt's blocks are complete: share them with requests arriving meanwhile.
+                let _ = self.prefix.insert(&s.req.prompt, &s.cache);
+            }
+            if !samples {
+                continue;
+            }
+            let l = &logits[row];
+            row += 1;
+            if let Some(reason) = Self::sample_one(s, l, self.model.rope.max_positions())? {
+                finished.push((i, reason));
+            }
+        }
+        self.metrics
+            .generated_tokens
+            .fetch_add(row as u64, Ordering::Relaxed);
+        // Remove finished sequences, highest index first so the others keep their places.
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            let mut s = self.running.swap_remove(i);
+            let _ = s.tx.send(Event::Finished {
+                reason,
+                completion_tokens: s.generated,
+                text: s.stream.finish(),
+            });
+            self.release(s, true);
+        }
+        let budget = self.cfg.max_kv_bytes.saturating_sub(self.reserved);
+        self.prefix.evict_to(budget);
+        Ok(())
+    }
+
+    /// Sample the next token of `s`; returns why it ends, if it does.
+    fn sample_one(
+        s: &mut Sequence,
+        logits: &[f32],
+        context: usize,
+    ) -> candle_core::Result<Option<FinishReason>> {
+        let prompt_len = s.req.prompt.len();
+        let next = s.sampler.sample(logits, &s.tokens, prompt_len);
+        if !s.req.ignore_eos && s.req.eos_ids.contains(&next) {
+            return Ok(Some(FinishReason::Eos));
+        }
+        let logprob = s.req.logprobs.map(|top| {
+            let (logprob, top) = token_logprobs(logits, next, top);
+            TokenLogprob { logprob, top }
+        });
+        s.tokens.push(next);
+        s.generated += 1;
+        let (mut text, stopped) = s.stream.push(next)?;
+        let done = if stopped {
+            Some(FinishReason::Stop)
+        } else if s.generated >= s.req.max_tokens || s.tokens.len() >= context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if done.is_some() && !stopped {
+            text.push_str(&s.stream.finish());
+        }
+        let _ = s.tx.send(Event::Token {
+            id: next,
+            text: std::mem::take(&mut text),
+            logprob,
+        });
+        Ok(done)
+    }
+}
