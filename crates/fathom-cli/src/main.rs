@@ -8,6 +8,7 @@
 //! `deepseek2`/`qwen2`/`llama`) or a directory `fathom quantize` wrote.
 
 mod bench;
+mod serve_cmd;
 mod train_cmds;
 
 // candle allocates a fresh buffer for every op; glibc malloc's trimming and page faults cost
@@ -74,6 +75,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// OpenAI-compatible HTTP server (chat/completions, streaming, R1 reasoning, tool calls,
+    /// continuous batching, prefix cache) with a web chat page at `/`.
+    Serve(serve_cmd::ServeArgs),
     /// Pretrain a DeepSeek-V3-architecture model (MLA, DeepSeekMoE, MTP) from a TOML config.
     Train(train_cmds::TrainArgs),
     /// Tokenizer tools.
@@ -682,6 +686,7 @@ fn main() {
         Command::Bench(b) => resolve_model(&b.model).and_then(|d| bench::cmd_bench(b, d)),
         Command::Quantize { model, to, out } => cmd_quantize(model, to, out),
         Command::Eval(a) => cmd_eval(a),
+        Command::Serve(a) => serve_cmd::cmd_serve(a),
         Command::Train(a) => train_cmds::cmd_train(a),
         Command::Tokenizer(c) => train_cmds::cmd_tokenizer(c),
         Command::Plot { run_dir, out } => train_cmds::cmd_plot(run_dir, out),

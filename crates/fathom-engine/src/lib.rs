@@ -13,6 +13,8 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopMatcher, TextStream};
-pub use sampler::{token_logprobs, Sampler, SamplingParams};
 pub use prefix_cache::PrefixCache;
-pub use scheduler::{Engine, EngineMetrics, Event, Request, SchedulerConfig, SubmitError, TokenLogprob};
+pub use sampler::{token_logprobs, Sampler, SamplingParams};
+pub use scheduler::{
+    Engine, EngineMetrics, Event, Request, SchedulerConfig, SubmitError, TokenLogprob,
+};

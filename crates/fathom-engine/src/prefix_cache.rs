@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(pc.blocks(), 2, "two whole blocks of 4 in 10 tokens");
         // Same first 9 tokens: both blocks reused.
         let hit = pc.lookup(&(0..9).collect::<Vec<_>>());
-        assert_eq!(positions(&hit), (0..8).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(
+            positions(&hit),
+            (0..8).map(|i| i as f32).collect::<Vec<_>>()
+        );
         // A prompt of exactly 8 tokens: the last must be computed, so only one block.
         assert_eq!(pc.lookup(&(0..8).collect::<Vec<_>>()).len(), 1);
         // Diverging inside the second block: only the first.
@@ -219,7 +222,11 @@ mod tests {
         pc.lookup(&a); // a is now more recent than b
         pc.evict_to(2 * per_block);
         assert_eq!(pc.lookup(&a).len(), 2, "recently used chain kept");
-        assert_eq!(pc.lookup(&b).len(), 1, "b's leaf evicted, the shared root kept");
+        assert_eq!(
+            pc.lookup(&b).len(),
+            1,
+            "b's leaf evicted, the shared root kept"
+        );
         pc.evict_to(0);
         assert_eq!(pc.bytes(), 0);
         assert_eq!(pc.blocks(), 0);

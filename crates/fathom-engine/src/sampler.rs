@@ -169,15 +169,26 @@ pub fn token_logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32
     let top = top.min(logits.len());
     if top > 0 {
         best.select_nth_unstable_by(top - 1, |&a, &b| {
-            logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+            logits[b]
+                .partial_cmp(&logits[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
         });
     }
     best.truncate(top);
     best.sort_by(|&a, &b| {
-        logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        logits[b]
+            .partial_cmp(&logits[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
     });
-    let chosen_lp = logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |_| lp(chosen as usize));
-    (chosen_lp, best.into_iter().map(|i| (i as u32, lp(i))).collect())
+    let chosen_lp = logits
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |_| lp(chosen as usize));
+    (
+        chosen_lp,
+        best.into_iter().map(|i| (i as u32, lp(i))).collect(),
+    )
 }
 
 pub fn argmax(l: &[f64]) -> u32 {

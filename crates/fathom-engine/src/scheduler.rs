@@ -73,7 +73,9 @@ pub struct TokenLogprob {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Admitted; `cached_tokens` of the prompt came from the prefix cache.
-    Started { cached_tokens: usize },
+    Started {
+        cached_tokens: usize,
+    },
     /// A generated token and the text that became final with it (may be empty: held back until
     /// a multi-byte character or a possible stop string resolves).
     Token {
@@ -157,7 +159,8 @@ impl Engine {
         std::thread::Builder::new()
             .name("fathom-engine".into())
             .spawn(move || {
-                let mut state = Loop::new(&model, tok.as_deref(), config, metrics, kv_bytes_per_token);
+                let mut state =
+                    Loop::new(&model, tok.as_deref(), config, metrics, kv_bytes_per_token);
                 state.run(rx);
             })
             .map_err(|e| candle_core::Error::Msg(format!("cannot start the engine thread: {e}")))?;
@@ -343,9 +346,8 @@ impl<'m> Loop<'m> {
                 return;
             };
             let r = &front.req;
-            let need =
-                (r.prompt.len() + r.max_tokens).min(self.model.rope.max_positions())
-                    * self.kv_bytes_per_token;
+            let need = (r.prompt.len() + r.max_tokens).min(self.model.rope.max_positions())
+                * self.kv_bytes_per_token;
             let free = self.cfg.max_kv_bytes.saturating_sub(self.reserved);
             if need > free {
                 return; // wait for running sequences to finish
@@ -396,7 +398,7 @@ impl<'m> Loop<'m> {
         let mut segments = vec![];
         let mut rows = vec![];
         let mut members = vec![]; // index into running, and whether its last row is sampled
-        // Decoding sequences first (one row each), then prompt chunks under the budget.
+                                  // Decoding sequences first (one row each), then prompt chunks under the budget.
         let mut budget = self.cfg.prefill_chunk.max(1);
         let order: Vec<usize> = (0..self.running.len())
             .filter(|&i| !self.running[i].prefilling())
@@ -428,8 +430,11 @@ impl<'m> Loop<'m> {
         }
         // Disjoint &mut caches in the batch's order.
         let logits = {
-            let mut slots: Vec<Option<&mut KvCache>> =
-                self.running.iter_mut().map(|s| Some(&mut s.cache)).collect();
+            let mut slots: Vec<Option<&mut KvCache>> = self
+                .running
+                .iter_mut()
+                .map(|s| Some(&mut s.cache))
+                .collect();
             let mut caches: Vec<&mut KvCache> = members
                 .iter()
                 .map(|&(i, _, _)| slots[i].take().expect("each sequence once"))

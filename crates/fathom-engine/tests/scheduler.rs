@@ -88,7 +88,11 @@ fn alone(model: &CausalLm, tok: &TextTokenizer, prompt: &[u32], max_tokens: usiz
 
 fn prompts(v: u32) -> Vec<Vec<u32>> {
     (0..6u32)
-        .map(|j| (0..(5 + 7 * j)).map(|i| (i * 13 + j * 101 + 7) % v).collect())
+        .map(|j| {
+            (0..(5 + 7 * j))
+                .map(|i| (i * 13 + j * 101 + 7) % v)
+                .collect()
+        })
         .collect()
 }
 
@@ -151,7 +155,10 @@ fn prefix_cache_hits_reuse_kv_and_change_nothing() {
     let a = collect(engine.submit(request(first.clone(), 5)).unwrap());
     assert_eq!(a.cached, 0);
     let b = collect(engine.submit(request(second.clone(), 5)).unwrap());
-    assert_eq!(b.cached, 20, "five whole blocks of the shared 21-token prefix");
+    assert_eq!(
+        b.cached, 20,
+        "five whole blocks of the shared 21-token prefix"
+    );
     assert_eq!(b.ids, alone(&model, &tok, &second, 5));
     // The whole first conversation (prompt + reply) is cached: its continuation hits past it.
     let mut follow = first.clone();
@@ -181,7 +188,10 @@ fn dropped_receivers_free_their_sequences() {
     while engine.metrics.running.load(Ordering::Relaxed) != 0
         || engine.metrics.kv_reserved_bytes.load(Ordering::Relaxed) != 0
     {
-        assert!(t0.elapsed().as_secs() < 10, "the cancelled sequence was not freed");
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the cancelled sequence was not freed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert!(
@@ -244,8 +254,8 @@ fn queue_and_memory_bounds_refuse_cleanly() {
 #[test]
 fn stop_strings_eos_and_logprobs() {
     let (model, tok) = load("deepseek_v3_tiny");
-    let engine = Engine::start(model.clone(), Some(tok.clone()), SchedulerConfig::default())
-        .unwrap();
+    let engine =
+        Engine::start(model.clone(), Some(tok.clone()), SchedulerConfig::default()).unwrap();
     let prompt: Vec<u32> = vec![5, 9, 11, 40];
     let free = alone(&model, &tok, &prompt, 12);
     // eos on the 4th generated token: three tokens come out, finish reason eos.
@@ -258,7 +268,11 @@ fn stop_strings_eos_and_logprobs() {
     assert_eq!(got.ids, free[..first_eos]);
     // A stop string taken from the free-running text ends generation with the text cut before it.
     let text = tok.decode(&free, false).unwrap();
-    let stop: String = text.chars().skip(text.chars().count() / 2).take(2).collect();
+    let stop: String = text
+        .chars()
+        .skip(text.chars().count() / 2)
+        .take(2)
+        .collect();
     let mut r = request(prompt.clone(), 12);
     r.stop = vec![stop.clone()];
     let got = collect(engine.submit(r).unwrap());

@@ -140,7 +140,14 @@ impl GqaAttention {
             .zip(caches.iter_mut())
             .map(|(s, c)| {
                 let rows = |t: &Tensor| t.narrow(1, s.start, s.len);
-                self.attend(&rows(&q)?, &rows(&k)?, &rows(&v)?, rope, s.offset, Some(&mut **c))
+                self.attend(
+                    &rows(&q)?,
+                    &rows(&k)?,
+                    &rows(&v)?,
+                    rope,
+                    s.offset,
+                    Some(&mut **c),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         self.o_proj.forward(&Tensor::cat(&outs, 1)?)

@@ -306,11 +306,7 @@ impl CausalLm {
         rows: &[u32],
     ) -> Result<Tensor> {
         if segments.len() != caches.len() {
-            candle_core::bail!(
-                "{} segments but {} caches",
-                segments.len(),
-                caches.len()
-            )
+            candle_core::bail!("{} segments but {} caches", segments.len(), caches.len())
         }
         let covered: usize = segments.iter().map(|s| s.len).sum();
         if covered != ids.len() || segments.iter().any(|s| s.start + s.len > ids.len()) {

@@ -10,7 +10,10 @@ use fathom_model::{CausalLm, KvCache, Segment};
 
 /// Logits of the last position of `ids`, computed without a cache over the whole sequence.
 fn reference_last(model: &CausalLm, ids: &[u32]) -> Tensor {
-    let x = Tensor::new(ids, &model.device).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &model.device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&x, 0, None).unwrap();
     logits.squeeze(0).unwrap().get(ids.len() - 1).unwrap()
 }
@@ -116,9 +119,15 @@ fn check_copied_prefix(name: &str) {
     let v = model.cfg.vocab_size as u32;
     let ids: Vec<u32> = (0..12u32).map(|i| (i * 11 + 5) % v).collect();
     let mut first = model.new_cache();
-    let x = Tensor::new(&ids[..9], &model.device).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(&ids[..9], &model.device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model.forward(&x, 0, Some(&mut first)).unwrap();
-    let blocks = [first.copy_rows(0, 4).unwrap(), first.copy_rows(4, 4).unwrap()];
+    let blocks = [
+        first.copy_rows(0, 4).unwrap(),
+        first.copy_rows(4, 4).unwrap(),
+    ];
     assert_eq!(blocks[0].len, 4);
     assert!(blocks[0].bytes() > 0);
     let mut second = model.new_cache();
