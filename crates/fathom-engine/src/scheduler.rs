@@ -297,12 +297,12 @@ impl<'m> Loop<'m> {
                         self.reserved -= s.reserved;
                     }
                 }
-                self.publish();
             } else if !self.waiting.is_empty() {
                 // Nothing runs yet the head of the queue does not fit: only possible while the
                 // prefix cache holds the memory, which admit() evicts; avoid a busy loop anyway.
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
+            self.publish();
         }
     }
 
