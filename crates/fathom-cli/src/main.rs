@@ -674,6 +674,13 @@ fn main() {
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
     }
+    if let Command::Serve(a) = &cli.cmd {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() || a.threads.is_some() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let n = a.threads.unwrap_or(cores.saturating_sub(1).max(1));
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
     let r = match cli.cmd {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),

@@ -73,6 +73,8 @@ fn send(
     body: &str,
 ) -> (u16, Vec<(String, String)>, BufReader<TcpStream>) {
     let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
@@ -119,6 +121,9 @@ fn read_body(hs: &[(String, String)], mut r: BufReader<TcpStream>) -> String {
             r.read_exact(&mut buf).unwrap();
             out.extend_from_slice(&buf[..n]);
         }
+    } else if let Some((_, n)) = hs.iter().find(|(k, _)| k == "content-length") {
+        out = vec![0; n.parse().unwrap()];
+        r.read_exact(&mut out).unwrap();
     } else {
         r.read_to_end(&mut out).unwrap();
     }
@@ -636,4 +641,137 @@ fn tool_calls_come_out_as_openai_tool_calls() {
     let (status, v) = post(&srv, "/v1/chat/completions", follow_up);
     assert_eq!(status, 200, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A JSON call to chromedriver's WebDriver API.
+fn webdriver(port: u16, method: &str, path: &str, body: Value) -> Value {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_, hs, r) = send(addr, method, path, &[], &body.to_string());
+    serde_json::from_str(&read_body(&hs, r)).unwrap()
+}
+
+/// The chat page in headless Chromium (driven through chromedriver): type two messages, press
+/// Send, and see streamed replies appear with the history kept. Skipped, saying so, where
+/// Debian's `chromium` and `chromium-driver` are not installed (`.ci/run` installs them).
+#[test]
+fn web_chat_page_in_headless_chromium() {
+    let (chromium, driver) = ("/usr/bin/chromium", "/usr/bin/chromedriver");
+    if !Path::new(chromium).exists() || !Path::new(driver).exists() {
+        eprintln!(
+            "SKIPPED: {chromium} or {driver} not found (apt-get install chromium chromium-driver)"
+        );
+        return;
+    }
+    let srv = start(&default_model(), None, SchedulerConfig::default());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = std::process::Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed().as_secs() < 30, "chromedriver did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let profile = std::env::temp_dir().join(format!("fathom-chromium-{}", std::process::id()));
+    let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+        "binary": chromium,
+        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.display())]}}}});
+    let session = webdriver(port, "POST", "/session", caps);
+    let sid = session["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {session}"))
+        .to_string();
+    let s = |p: &str| format!("/session/{sid}{p}");
+    let result = std::panic::catch_unwind(|| {
+        webdriver(
+            port,
+            "POST",
+            &s("/url"),
+            json!({"url": format!("http://{}/", srv.addr)}),
+        );
+        let element = |css: &str| -> String {
+            let v = webdriver(
+                port,
+                "POST",
+                &s("/element"),
+                json!({"using": "css selector", "value": css}),
+            );
+            v["value"]["element-6066-11e4-a52e-4f735466cecf"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let script = |js: &str| {
+            webdriver(
+                port,
+                "POST",
+                &s("/execute/sync"),
+                json!({"script": js, "args": []}),
+            )["value"]
+                .clone()
+        };
+        for (turn, text) in ["What is 2 + 2?", "And 3 + 3?"].iter().enumerate() {
+            let input = element("#input");
+            webdriver(
+                port,
+                "POST",
+                &s(&format!("/element/{input}/value")),
+                json!({"text": text}),
+            );
+            let button = element("#send");
+            webdriver(
+                port,
+                "POST",
+                &s(&format!("/element/{button}/click")),
+                json!({}),
+            );
+            let t0 = std::time::Instant::now();
+            let done = loop {
+                let v = script(&format!(
+                    "const d = document.querySelectorAll('.assistant')[{turn}]; \
+                     return d && d.dataset.done ? d.innerText : null;"
+                ));
+                if let Some(t) = v.as_str() {
+                    break t.to_string();
+                }
+                assert!(t0.elapsed().as_secs() < 60, "no reply appeared in the page");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            };
+            assert!(
+                !done.trim().is_empty() && !done.contains("Error:"),
+                "reply: {done}"
+            );
+        }
+        // Two user and two assistant bubbles; the default model reasons, shown in <details>.
+        assert_eq!(
+            script("return document.querySelectorAll('.user').length;"),
+            2
+        );
+        assert_eq!(
+            script("return document.querySelectorAll('.assistant').length;"),
+            2
+        );
+        assert_eq!(
+            script("return !document.querySelector('details.reasoning').hidden;"),
+            true
+        );
+        assert_eq!(script("return history.length;"), 4);
+    });
+    webdriver(port, "DELETE", &s(""), json!({}));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&profile);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    // The page's requests went through the real API.
+    assert!(srv.state.metrics.http_ok.load(Ordering::Relaxed) >= 3);
 }
