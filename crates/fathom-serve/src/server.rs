@@ -81,6 +81,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -144,6 +145,34 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
         "id": st.cfg.model_name, "object": "model", "created": st.created,
         "owned_by": "fathom", "max_model_len": st.engine.context_len,
     }]}))
+}
+
+/// vLLM's `/tokenize`: `{"prompt": TEXT}` (encoded as is) or `{"messages": [...]}` (through the
+/// chat template with the generation prompt) → `{"tokens", "count", "max_model_len"}`.
+async fn tokenize(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let run = || -> ApiResult<Value> {
+        let v = parse_body(&body)?;
+        let f = Fields::parse(&v)?;
+        let ids = match (f.str("prompt")?, f.value("messages")) {
+            (Some(p), _) => st.tok.encode(p, false),
+            (None, Some(m)) => st
+                .tok
+                .apply_chat_template(&Value::from(normalise_messages(m)?), None, true)
+                .map(|(_, ids)| ids),
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "give `prompt` or `messages`",
+                    Some("prompt"),
+                ))
+            }
+        }
+        .map_err(|e| ApiError::invalid(e.to_string(), None))?;
+        Ok(json!({"count": ids.len(), "tokens": ids, "max_model_len": st.engine.context_len}))
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn parse_body(body: &Bytes) -> ApiResult<Value> {
