@@ -26,8 +26,9 @@ pub struct ReasoningSplitter {
     trim_think_start: bool,
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of `tag`.
-fn partial_tag_suffix(text: &str, tag: &str) -> usize {
+/// Length of the longest suffix of `text` that is a proper prefix of `tag` (text to hold back
+/// while a tag may be arriving in pieces).
+pub(crate) fn partial_tag_suffix(text: &str, tag: &str) -> usize {
     (1..tag.len())
         .rev()
         .find(|&n| tag.is_char_boundary(n) && text.ends_with(&tag[..n]))

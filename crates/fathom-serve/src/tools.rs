@@ -7,6 +7,7 @@
 //! accepted too. Text before the block is the message content; a call is emitted when its end tag
 //! arrives (OpenAI clients accept a call's arguments in one delta).
 
+use crate::reasoning::partial_tag_suffix;
 use serde_json::{json, Value};
 
 pub const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
@@ -52,14 +53,6 @@ fn parse_call(body: &str) -> Option<ToolCall> {
     })
 }
 
-/// Longest suffix of `text` that is a proper prefix of `tag`.
-fn held_back(text: &str, tag: &str) -> usize {
-    (1..tag.len())
-        .rev()
-        .find(|&n| tag.is_char_boundary(n) && text.ends_with(&tag[..n]))
-        .unwrap_or(0)
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct ToolCallParser {
     pending: String,
@@ -85,7 +78,7 @@ impl ToolCallParser {
                     self.in_calls = true;
                 }
                 None => {
-                    let emit = self.pending.len() - held_back(&self.pending, CALLS_BEGIN);
+                    let emit = self.pending.len() - partial_tag_suffix(&self.pending, CALLS_BEGIN);
                     content.push_str(&self.pending[..emit]);
                     self.pending.drain(..emit);
                     return (content, calls);
