@@ -58,10 +58,6 @@ impl PrefixCache {
         }
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
     /// Bytes of KV state held.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -147,11 +143,6 @@ impl PrefixCache {
                 p.children -= 1;
             }
         }
-    }
-
-    pub fn clear(&mut self) {
-        self.blocks.clear();
-        self.bytes = 0;
     }
 }
 

@@ -165,23 +165,20 @@ pub fn token_logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let log_z = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
     let lp = |i: usize| logits[i] - log_z;
+    // Most likely first; ties by lower id.
+    let likelier = |a: &usize, b: &usize| {
+        logits[*b]
+            .partial_cmp(&logits[*a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(b))
+    };
     let mut best: Vec<usize> = (0..logits.len()).collect();
     let top = top.min(logits.len());
     if top > 0 {
-        best.select_nth_unstable_by(top - 1, |&a, &b| {
-            logits[b]
-                .partial_cmp(&logits[a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.cmp(&b))
-        });
+        best.select_nth_unstable_by(top - 1, likelier);
     }
     best.truncate(top);
-    best.sort_by(|&a, &b| {
-        logits[b]
-            .partial_cmp(&logits[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    best.sort_by(likelier);
     let chosen_lp = logits
         .get(chosen as usize)
         .map_or(f32::NEG_INFINITY, |_| lp(chosen as usize));

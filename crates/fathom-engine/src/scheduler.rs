@@ -167,11 +167,6 @@ impl Engine {
         Ok(engine)
     }
 
-    /// KV bytes a request reserves: its whole budget of positions.
-    pub fn reservation(&self, prompt_len: usize, max_tokens: usize) -> usize {
-        (prompt_len + max_tokens).min(self.context_len) * self.kv_bytes_per_token
-    }
-
     /// Queue a request; events arrive on the returned receiver. Dropping the receiver cancels.
     pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
         if req.prompt.is_empty() {
@@ -195,7 +190,7 @@ impl Engine {
                 req.max_tokens
             )));
         }
-        let need = self.reservation(req.prompt.len(), req.max_tokens);
+        let need = reservation(&req, self.context_len, self.kv_bytes_per_token);
         if need > self.config.max_kv_bytes {
             return Err(SubmitError::Invalid(format!(
                 "the request needs {need} bytes of KV cache ({} prompt + {} new tokens); the \
@@ -220,6 +215,11 @@ impl Engine {
         })?;
         Ok(rx)
     }
+}
+
+/// KV bytes a request reserves at admission: its whole budget of positions.
+fn reservation(req: &Request, context_len: usize, kv_bytes_per_token: usize) -> usize {
+    (req.prompt.len() + req.max_tokens).min(context_len) * kv_bytes_per_token
 }
 
 /// A running sequence.
@@ -292,9 +292,9 @@ impl<'m> Loop<'m> {
             if !self.running.is_empty() {
                 if let Err(e) = self.step() {
                     // The batch failed as a whole: every sequence in it gets the error.
-                    for s in self.running.drain(..) {
+                    for s in std::mem::take(&mut self.running) {
                         let _ = s.tx.send(Event::Error(e.to_string()));
-                        self.reserved -= s.reserved;
+                        self.release(s, false);
                     }
                 }
             } else if !self.waiting.is_empty() {
@@ -345,9 +345,11 @@ impl<'m> Loop<'m> {
             let Some(front) = self.waiting.front() else {
                 return;
             };
-            let r = &front.req;
-            let need = (r.prompt.len() + r.max_tokens).min(self.model.rope.max_positions())
-                * self.kv_bytes_per_token;
+            let need = reservation(
+                &front.req,
+                self.model.rope.max_positions(),
+                self.kv_bytes_per_token,
+            );
             let free = self.cfg.max_kv_bytes.saturating_sub(self.reserved);
             if need > free {
                 return; // wait for running sequences to finish

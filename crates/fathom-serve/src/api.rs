@@ -79,16 +79,13 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| ApiError::invalid("the request body must be a JSON object", None))
     }
 
-    fn present(&self, name: &str) -> Option<&'a Value> {
+    /// The field, unless absent or null (OpenAI clients send null for "not set").
+    pub fn value(&self, name: &str) -> Option<&'a Value> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
-    pub fn value(&self, name: &str) -> Option<&'a Value> {
-        self.present(name)
-    }
-
     pub fn f64(&self, name: &str) -> ApiResult<Option<f64>> {
-        match self.present(name) {
+        match self.value(name) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| {
                 ApiError::invalid(format!("`{name}` must be a number, got {v}"), Some(name))
@@ -97,7 +94,7 @@ impl<'a> Fields<'a> {
     }
 
     pub fn u64(&self, name: &str) -> ApiResult<Option<u64>> {
-        match self.present(name) {
+        match self.value(name) {
             None => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
                 ApiError::invalid(
@@ -109,7 +106,7 @@ impl<'a> Fields<'a> {
     }
 
     pub fn bool(&self, name: &str) -> ApiResult<Option<bool>> {
-        match self.present(name) {
+        match self.value(name) {
             None => Ok(None),
             Some(v) => v.as_bool().map(Some).ok_or_else(|| {
                 ApiError::invalid(
@@ -121,7 +118,7 @@ impl<'a> Fields<'a> {
     }
 
     pub fn str(&self, name: &str) -> ApiResult<Option<&'a str>> {
-        match self.present(name) {
+        match self.value(name) {
             None => Ok(None),
             Some(v) => v.as_str().map(Some).ok_or_else(|| {
                 ApiError::invalid(format!("`{name}` must be a string, got {v}"), Some(name))
@@ -131,7 +128,7 @@ impl<'a> Fields<'a> {
 
     /// `stop`: a string or an array of at most 4 strings.
     pub fn stop(&self) -> ApiResult<Vec<String>> {
-        match self.present("stop") {
+        match self.value("stop") {
             None => Ok(vec![]),
             Some(Value::String(s)) => Ok(vec![s.clone()]),
             Some(Value::Array(a)) if a.len() <= 4 => a

@@ -483,6 +483,24 @@ impl Choice {
         c
     }
 
+    /// A generated token: counted, its log-probabilities kept (and in the delta), its text fed.
+    fn token(
+        &mut self,
+        tok: &TextTokenizer,
+        id: u32,
+        text: &str,
+        logprob: Option<TokenLogprob>,
+    ) -> Delta {
+        self.tokens += 1;
+        let mut d = self.feed(text);
+        if let Some(lp) = logprob {
+            let entry = logprob_entry(tok, id, &lp);
+            self.logprobs.push(entry.clone());
+            d.logprobs.push(entry);
+        }
+        d
+    }
+
     fn feed(&mut self, text: &str) -> Delta {
         let mut d = Delta::default();
         let (reasoning, answer) = match &mut self.splitter {
@@ -688,11 +706,7 @@ async fn collect_job(
                     if i == 0 {
                         timing.token(&st.metrics);
                     }
-                    c.tokens += 1;
-                    if let Some(lp) = logprob {
-                        c.logprobs.push(logprob_entry(&st.tok, t, &lp));
-                    }
-                    c.feed(&text);
+                    c.token(&st.tok, t, &text, logprob);
                 }
                 Some(Event::Finished { reason, text, .. }) => {
                     c.finish(reason, &text);
@@ -829,11 +843,7 @@ fn stream_job(
                     if i == 0 {
                         timing.token(&st.metrics);
                     }
-                    c.tokens += 1;
-                    let mut d = c.feed(&text);
-                    if let Some(lp) = logprob {
-                        d.logprobs.push(logprob_entry(&st.tok, t, &lp));
-                    }
+                    let d = c.token(&st.tok, t, &text, logprob);
                     (d, None)
                 }
                 Event::Finished { reason, text, .. } => {
