@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use fathom_model::{CausalLm, KvCache};
+use fathom_model::{CausalLm, KvCache, Segment};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// Same as `--format json`.
     #[arg(long)]
     json: bool,
+    /// Also decode N sequences together through the packed forward continuous batching uses
+    /// (each from an empty context, `--gen-tokens` steps): aggregate tok/s and its ratio to the
+    /// same path at one sequence (`batch_decode_tok_s`, `batch_speedup`).
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 /// Sustained read bandwidth of this machine, GB/s: `threads` workers summing disjoint halves of a
@@ -93,6 +98,37 @@ fn timed_prefill(model: &CausalLm, cache: &mut KvCache, prompt: &[u32]) -> Resul
         .argmax(0)?
         .to_scalar::<u32>()?;
     Ok((t0.elapsed().as_secs_f64(), next))
+}
+
+/// Decode `steps` tokens for each of `n` sequences together through `forward_packed` (one row per
+/// sequence per step, greedy), each from a one-token context; seconds taken (first step excluded).
+fn timed_batch_decode(
+    model: &CausalLm,
+    n: usize,
+    steps: usize,
+    new_cache: &dyn Fn() -> KvCache,
+) -> Result<f64> {
+    let vocab = model.cfg.vocab_size as u32;
+    let mut caches: Vec<KvCache> = (0..n).map(|_| new_cache()).collect();
+    let mut next: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 11) % vocab).collect();
+    let mut t0 = Instant::now();
+    for step in 0..=steps {
+        if step == 1 {
+            t0 = Instant::now();
+        }
+        let segments: Vec<Segment> = (0..n)
+            .map(|i| Segment {
+                start: i,
+                len: 1,
+                offset: step,
+            })
+            .collect();
+        let rows: Vec<u32> = (0..n as u32).collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let logits = model.forward_packed(&next, &segments, &mut refs, &rows)?;
+        next = logits.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Greedy-decode `n` tokens one at a time from `next` at position `start`; seconds taken.
@@ -156,6 +192,24 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         best_tg = best_tg.max(a.gen_tokens as f64 / secs);
         kv_bytes_per_token = cache.bytes() / cache.seq_len().max(1);
     }
+    // Batched decode: the same packed path at 1 and at N sequences, side by side.
+    let mut batch = None;
+    if let Some(n) = a.batch {
+        if n == 0 {
+            bail!("--batch must be > 0");
+        }
+        let (mut one, mut many) = (0f64, 0f64);
+        for _ in 0..a.repeat.max(1) {
+            one = one.max(
+                a.gen_tokens as f64 / timed_batch_decode(&model, 1, a.gen_tokens, &new_cache)?,
+            );
+            many = many.max(
+                (n * a.gen_tokens) as f64
+                    / timed_batch_decode(&model, n, a.gen_tokens, &new_cache)?,
+            );
+        }
+        batch = Some((n, one, many));
+    }
     let threads = candle_core::utils::get_num_threads();
     let (total, active) = model.param_counts();
     let weight_bytes = model.weight_bytes_per_token();
@@ -184,6 +238,10 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "read_bandwidth_gb_s": bandwidth,
         "decode_roofline_tok_s": roofline,
         "decode_fraction_of_roofline": best_tg / roofline,
+        "batch": batch.map(|b| b.0),
+        "batch1_packed_decode_tok_s": batch.map(|b| b.1),
+        "batch_decode_tok_s": batch.map(|b| b.2),
+        "batch_speedup": batch.map(|b| b.2 / b.1),
     });
     if a.json || a.format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -218,6 +276,12 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
             bandwidth,
             100.0 * best_tg / roofline
         );
+        if let Some((n, one, many)) = batch {
+            println!(
+                "batch{n:<4} {many:>10.1} tok/s aggregate through the packed forward ({:.2}× its {one:.1} tok/s at one sequence)",
+                many / one
+            );
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 use crate::cache::{LayerCache, Segment};
 use crate::linear::Linear;
 use crate::ops::softmax_last;
+use crate::packed_attention::{self, packed_cached_attention, CacheView};
 use crate::rope::Rope;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -135,6 +136,11 @@ impl GqaAttention {
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         let (q, k, v) = self.project(x)?;
+        if packed_attention::applies(segments, x.device(), x.dtype()) {
+            return self
+                .o_proj
+                .forward(&self.attend_packed(&q, &k, &v, rope, segments, caches)?);
+        }
         let outs = segments
             .iter()
             .zip(caches.iter_mut())
@@ -151,6 +157,59 @@ impl GqaAttention {
             })
             .collect::<Result<Vec<_>>>()?;
         self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// A packed batch of short segments (decode steps, draft verification): rope at each row's
+    /// position over all rows at once, k/v appended to each sequence's grouped cache, then one
+    /// kernel over all sequences ([`packed_attention`]). Output [1, T, h·d] before o_proj.
+    fn attend_packed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        segments: &[Segment],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (rows, d) = (q.dim(1)?, self.head_dim);
+        let positions: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| (0..s.len).map(move |i| (s.offset + i) as u32))
+            .collect();
+        // [T, heads, d] → [1, heads, T, d] for rope, and back.
+        let roped = |t: &Tensor, heads: usize| -> Result<Tensor> {
+            rope.apply_at(
+                &t.reshape((rows, heads, d))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?,
+                &positions,
+            )?
+            .squeeze(0)
+        };
+        let q = roped(q, self.heads)?.transpose(0, 1)?.contiguous()?; // [T, h, d]
+        let k = roped(k, self.kv_heads)?; // [kvh, T, d]
+        let v = v
+            .reshape((rows, self.kv_heads, d))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        for (s, c) in segments.iter().zip(caches.iter_mut()) {
+            c.append_grouped(&k.narrow(1, s.start, s.len)?, &v.narrow(1, s.start, s.len)?)?;
+        }
+        let views: Vec<CacheView> = caches
+            .iter()
+            .map(|c| CacheView {
+                keys: &c.k_grouped,
+                rope_keys: None,
+                values: &c.v_grouped,
+            })
+            .collect();
+        let scale = 1.0 / (d as f64).sqrt();
+        packed_cached_attention(&q, None, segments, &views, scale)?.reshape((
+            1,
+            rows,
+            self.heads * d,
+        ))
     }
 
     /// Attention of one sequence's projected rows at positions offset..: [b, s, h·d] before o_proj.

@@ -59,6 +59,11 @@ impl SeqBuffer {
         self.len == 0
     }
 
+    /// The whole buffer [b, capacity, d], of which the first `len` positions are filled.
+    pub fn data(&self) -> Option<&Tensor> {
+        self.data.as_ref()
+    }
+
     /// Copy of positions start..start+len [b, len, d].
     pub fn copy_rows(&self, start: usize, len: usize) -> Result<Tensor> {
         match &self.data {

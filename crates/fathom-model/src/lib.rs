@@ -21,9 +21,11 @@ pub mod moe;
 pub mod mtp;
 pub mod norm;
 pub mod ops;
+pub mod packed_attention;
 pub mod qgemv;
 pub mod quantize;
 pub mod rope;
+pub mod rows_matmul;
 
 pub use cache::{CachedRows, KvCache, Segment};
 pub use model::{param_counts, CausalLm, ForwardOutput};

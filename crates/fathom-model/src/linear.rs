@@ -117,7 +117,10 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            Weight::Dense(w) => return linear(x, w, self.bias.as_ref()),
+            Weight::Dense(w) => match crate::rows_matmul::matmul_rows(x, w)? {
+                Some(y) => y,
+                None => return linear(x, w, self.bias.as_ref()),
+            },
             Weight::Quantized { matmul, .. } => Self::forward_quantized(matmul, x)?,
         };
         match &self.bias {
@@ -148,6 +151,15 @@ impl Linear {
             }
         }
         matmul.forward(&x.contiguous()?)
+    }
+
+    /// x [rows, in] (host f32) · Wᵀ through [`crate::rows_matmul`] when W is dense f32 without
+    /// a bias and not trained; `None` otherwise.
+    pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        match (&self.weight, &self.bias) {
+            (Weight::Dense(w), None) => crate::rows_matmul::rows_times_weight(x, rows, w),
+            _ => None,
+        }
     }
 
     /// The dense weight, when not quantised (training reads it).

@@ -18,6 +18,7 @@ use crate::cache::{LayerCache, Segment};
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::ops::linear;
+use crate::packed_attention::{self, packed_cached_attention, CacheView};
 use crate::rope::{yarn_mscale, Rope};
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -149,6 +150,13 @@ impl Mla {
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         let (q, ckv) = self.project(x)?;
+        if caches.iter().all(|c| c.latent_mode)
+            && packed_attention::applies(segments, x.device(), x.dtype())
+        {
+            return self
+                .o_proj
+                .forward(&self.attend_packed(&q, &ckv, rope, segments, caches)?);
+        }
         let outs = segments
             .iter()
             .zip(caches.iter_mut())
@@ -163,6 +171,82 @@ impl Mla {
             })
             .collect::<Result<Vec<_>>>()?;
         self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// The absorbed form for a packed batch of short segments (decode steps, draft verification):
+    /// every per-row step is batched over all rows — absorption q_nope·W_UK, the c_kv norm, rope at
+    /// each row's own position, W_UV — and the scores/softmax/latent sum run in one kernel over the
+    /// sequences' latent caches ([`packed_attention`]). Output [1, T, h·d_v] before o_proj.
+    fn attend_packed(
+        &self,
+        q: &Tensor,
+        ckv: &Tensor,
+        rope: &Rope,
+        segments: &[Segment],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let m = &self.dims;
+        let (h, dn, dr, dv, r) = (
+            self.heads,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        );
+        let rows = q.dim(1)?;
+        let positions: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| (0..s.len).map(move |i| (s.offset + i) as u32))
+            .collect();
+        let q = q.reshape((rows, h, dn + dr))?;
+        let w = self.kv_b_proj.reshape((h, dn + dv, r))?;
+        let q_lat = q
+            .narrow(D::Minus1, 0, dn)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&w.narrow(1, 0, dn)?)? // [h, T, r]
+            .transpose(0, 1)?
+            .contiguous()?;
+        let q_pe = rope
+            .apply_at(
+                &q.narrow(D::Minus1, dn, dr)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?,
+                &positions,
+            )?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .contiguous()?; // [T, h, d_rope]
+        let c_kv = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, r)?)?;
+        let k_pe = rope
+            .apply_at(
+                &ckv.narrow(D::Minus1, r, dr)?
+                    .reshape((1, 1, rows, dr))?
+                    .contiguous()?,
+                &positions,
+            )?
+            .reshape((1, rows, dr))?;
+        for (s, c) in segments.iter().zip(caches.iter_mut()) {
+            c.latent.append(&c_kv.narrow(1, s.start, s.len)?)?;
+            c.k_rope.append(&k_pe.narrow(1, s.start, s.len)?)?;
+        }
+        let views: Vec<CacheView> = caches
+            .iter()
+            .map(|c| CacheView {
+                keys: &c.latent,
+                rope_keys: Some(&c.k_rope),
+                values: &c.latent,
+            })
+            .collect();
+        let o_lat =
+            packed_cached_attention(&q_lat, Some(&q_pe), segments, &views, self.softmax_scale)?; // [T, h, r]
+        o_lat
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&w.narrow(1, dn, dv)?.transpose(1, 2)?)? // [h, T, d_v]
+            .transpose(0, 1)?
+            .reshape((1, rows, h * dv))
     }
 
     /// Attention of one sequence's projected rows (q, ckv from `project`) at positions offset..:

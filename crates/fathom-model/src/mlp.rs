@@ -3,7 +3,7 @@
 
 use crate::linear::Linear;
 use crate::ops::silu;
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 use fathom_core::WeightPlan;
 
@@ -30,8 +30,31 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::rows_matmul::few_host_rows(x) {
+            let k = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / k;
+            if let Some(y) = self.forward_host(&x.flatten_all()?.to_vec1()?, rows) {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = y.len() / rows;
+                return Tensor::from_vec(y, dims, x.device());
+            }
+        }
         let g = silu(&self.gate_proj.forward(x)?)?;
         let u = self.up_proj.forward(x)?;
         self.down_proj.forward(&(g * u)?)
+    }
+
+    /// The same block for a few host rows x [rows, hidden] in one pass (decode; inference only):
+    /// `None` unless all three projections are dense f32 without bias and not trained.
+    pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        let g = self.gate_proj.forward_host(x, rows)?;
+        let u = self.up_proj.forward_host(x, rows)?;
+        // silu(g)·u = g·σ(g)·u
+        let h: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        self.down_proj.forward_host(&h, rows)
     }
 }

@@ -17,6 +17,7 @@
 
 use crate::mlp::Mlp;
 use crate::ops::{linear, sigmoid, softmax_last};
+use crate::rows_matmul::axpy;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use fathom_core::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
@@ -149,6 +150,9 @@ impl Gate {
     }
 }
 
+/// Batches up to this many tokens take the host expert pass ([`Moe::routed_host`]).
+const HOST_MAX_ROWS: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct Moe {
     pub gate: Gate,
@@ -203,22 +207,86 @@ impl Moe {
                 per_expert[e as usize].1.push((t * k + slot) as u32);
             }
         }
-        let flat_w = routing.weights.reshape((b * s * k, 1))?;
+        let routed = match self.routed_host(&flat, &routing, &per_expert)? {
+            Some(out) => out,
+            None => self.routed_tensors(&flat, &routing, &per_expert)?,
+        };
+        let out = match &self.shared_experts {
+            Some(sh) => (routed + sh.forward(&flat)?)?,
+            None => routed,
+        };
+        Ok((out.reshape((b, s, d))?, routing))
+    }
+
+    /// Σ_k g_k·FFN_k(x) over each token's routed experts, expert by expert as candle ops (the
+    /// training path: every op records its backward).
+    fn routed_tensors(
+        &self,
+        flat: &Tensor,
+        routing: &Routing,
+        per_expert: &[(Vec<u32>, Vec<u32>)],
+    ) -> Result<Tensor> {
+        let n = flat.dim(0)?;
+        let k = self.gate.cfg.num_experts_per_tok;
+        let flat_w = routing.weights.reshape((n * k, 1))?;
         let mut out = flat.zeros_like()?;
         for (e, (tokens, slots)) in per_expert.iter().enumerate() {
             if tokens.is_empty() {
                 continue;
             }
-            let tok = Tensor::from_slice(tokens, tokens.len(), x.device())?;
-            let pos = Tensor::from_slice(slots, slots.len(), x.device())?;
+            let tok = Tensor::from_slice(tokens, tokens.len(), flat.device())?;
+            let pos = Tensor::from_slice(slots, slots.len(), flat.device())?;
             let y = self.experts[e].forward(&flat.index_select(&tok, 0)?)?;
             let y = y.broadcast_mul(&flat_w.index_select(&pos, 0)?)?;
             out = out.index_add(&tok, &y, 0)?;
         }
-        if let Some(sh) = &self.shared_experts {
-            out = (out + sh.forward(&flat)?)?;
+        Ok(out)
+    }
+
+    /// The same sum for a decode-sized batch in one host pass (inference only: f32 on the CPU,
+    /// nothing tracking gradients, dense expert weights): each active expert's tokens are
+    /// gathered, run through [`Mlp::forward_host`] and added with their gate weights — no
+    /// per-expert tensor ops (at 16 sequences nearly every expert is active, and ~11 small ops
+    /// each dominated the step). `None` when it does not apply.
+    fn routed_host(
+        &self,
+        flat: &Tensor,
+        routing: &Routing,
+        per_expert: &[(Vec<u32>, Vec<u32>)],
+    ) -> Result<Option<Tensor>> {
+        let (n, d) = flat.dims2()?;
+        if n > HOST_MAX_ROWS
+            || flat.dtype() != DType::F32
+            || !flat.device().is_cpu()
+            || flat.track_op()
+            || routing.weights.track_op()
+        {
+            return Ok(None);
         }
-        Ok((out.reshape((b, s, d))?, routing))
+        let xs: Vec<f32> = flat.flatten_all()?.to_vec1()?;
+        let gate_w: Vec<f32> = routing.weights.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; n * d];
+        let mut rows = Vec::new();
+        for (e, (tokens, slots)) in per_expert.iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            rows.clear();
+            for &t in tokens {
+                rows.extend_from_slice(&xs[t as usize * d..][..d]);
+            }
+            let Some(y) = self.experts[e].forward_host(&rows, tokens.len()) else {
+                return Ok(None);
+            };
+            for (i, (&t, &slot)) in tokens.iter().zip(slots).enumerate() {
+                axpy(
+                    &mut out[t as usize * d..][..d],
+                    gate_w[slot as usize],
+                    &y[i * d..][..d],
+                );
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (n, d), flat.device())?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -150,16 +150,41 @@ impl Rope {
 
     /// Rotate x [b, h, s, dim] whose first position is `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, h, s, d) = x.dims4()?;
-        if offset + s > self.max_positions() {
+        let s = x.dim(2)?;
+        self.check(offset + s)?;
+        let cos = self.cos.narrow(0, offset, s)?;
+        let sin = self.sin.narrow(0, offset, s)?;
+        self.rotate(x, &cos, &sin)
+    }
+
+    /// Rotate x [b, h, s, dim] whose rows sit at the given positions (a packed batch of several
+    /// sequences' rows).
+    pub fn apply_at(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        if positions.len() != x.dim(2)? {
+            candle_core::bail!("{} positions for {} rows", positions.len(), x.dim(2)?)
+        }
+        self.check(positions.iter().max().map_or(0, |&p| p as usize + 1))?;
+        let idx = Tensor::new(positions, self.cos.device())?;
+        let cos = self.cos.index_select(&idx, 0)?;
+        let sin = self.sin.index_select(&idx, 0)?;
+        self.rotate(x, &cos, &sin)
+    }
+
+    fn check(&self, end: usize) -> Result<()> {
+        if end > self.max_positions() {
             candle_core::bail!(
-                "position {} is beyond max_position_embeddings {}",
-                offset + s,
+                "position {end} is beyond max_position_embeddings {}",
                 self.max_positions()
             );
         }
-        let cos = self.cos.narrow(0, offset, s)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, s)?.to_dtype(x.dtype())?;
+        Ok(())
+    }
+
+    /// x [b, h, s, dim] rotated by angles with cos/sin [s, dim/2].
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = x.dims4()?;
+        let cos = cos.to_dtype(x.dtype())?;
+        let sin = sin.to_dtype(x.dtype())?;
         let half = d / 2;
         match self.layout {
             RopeLayout::Interleaved => {

@@ -1,0 +1,275 @@
+//! y = x·Wᵀ for a few rows of x (decode, continuous batching's decode step) without packing.
+//!
+//! candle's CPU matmul (the `gemm` crate) packs the weight matrix into panels on every call: right
+//! for prefill, where many rows share the packed panels, but for 1–16 rows the packing copies as
+//! many bytes as the product reads, and profiling a 16-sequence decode step of the default model
+//! put ~30 % of its time in gemm's driver. Here each group of four weight rows (contiguous in
+//! W [n, k]) is read once and multiplied with every row of x while it sits in L1: the weight
+//! traffic is paid once per step, whatever the batch. Inference only: no backward is recorded, so
+//! [`Linear`](crate::linear::Linear) uses it only for tensors that do not track gradients.
+//!
+//! The inner products run 8 lanes wide with fused multiply-adds when the CPU has AVX2 and FMA
+//! (runtime-detected), else in portable Rust; f32 sums in a different order than `gemm`'s, so
+//! results agree to rounding (tested).
+
+use candle_core::{DType, Result, Tensor};
+
+/// Up to this many rows use the kernel; past it `gemm`'s packing pays for itself.
+pub const MAX_ROWS: usize = 16;
+
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Σ a_i b_i with 8 independent partial sums (one 8-lane vector; hides the add latency chain).
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+/// Σ a_i b_i over the shorter of the two slices.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at runtime).
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// acc += w · x (axpy) for the attention output sums.
+pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += w * v;
+    }
+}
+
+/// y [rows, n] = x [rows, k] · W[n, k]ᵀ; `FMA` picks the fused inner product (only inside an
+/// AVX2+FMA function, where it inlines to vector FMAs).
+#[inline(always)]
+fn rows_times_wt<const FMA: bool>(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; rows * n];
+    // Weight rows in blocks that stay in L1 (4 × k floats) while every x row passes over them.
+    for j0 in (0..n).step_by(4) {
+        let j1 = (j0 + 4).min(n);
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            for j in j0..j1 {
+                let wj = &w[j * k..(j + 1) * k];
+                y[r * n + j] = if FMA {
+                    dot_lanes(xr, wj)
+                } else {
+                    dot_portable(xr, wj)
+                };
+            }
+        }
+    }
+    y
+}
+
+/// The AVX2 kernel: register blocks of 2 rows of x × 4 rows of W, eight independent 8-lane FMA
+/// accumulators (one chain per output would wait on the FMA latency every step), so each loaded
+/// x chunk serves four weight rows and each weight chunk two x rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_times_wt_avx2(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    use std::arch::x86_64::*;
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+    let mut y = vec![0f32; rows * n];
+    let k8 = k - k % 8;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut j = 0;
+    while j + 4 <= n {
+        let wr = [0, 1, 2, 3].map(|q| wp.add((j + q) * k));
+        let mut r = 0;
+        while r < rows {
+            let pair = r + 1 < rows;
+            let x0 = xp.add(r * k);
+            let x1 = if pair { xp.add((r + 1) * k) } else { x0 };
+            let mut a0 = [_mm256_setzero_ps(); 4];
+            let mut a1 = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < k8 {
+                let v0 = _mm256_loadu_ps(x0.add(c));
+                let v1 = _mm256_loadu_ps(x1.add(c));
+                for q in 0..4 {
+                    let wv = _mm256_loadu_ps(wr[q].add(c));
+                    a0[q] = _mm256_fmadd_ps(v0, wv, a0[q]);
+                    a1[q] = _mm256_fmadd_ps(v1, wv, a1[q]);
+                }
+                c += 8;
+            }
+            for q in 0..4 {
+                let mut t0 = hsum(a0[q]);
+                let mut t1 = hsum(a1[q]);
+                for c in k8..k {
+                    t0 += *x0.add(c) * *wr[q].add(c);
+                    t1 += *x1.add(c) * *wr[q].add(c);
+                }
+                y[r * n + j + q] = t0;
+                if pair {
+                    y[(r + 1) * n + j + q] = t1;
+                }
+            }
+            r += 2;
+        }
+        j += 4;
+    }
+    // The last n mod 4 weight rows.
+    for jt in j..n {
+        for r in 0..rows {
+            y[r * n + jt] = dot_lanes(&x[r * k..][..k], &w[jt * k..][..k]);
+        }
+    }
+    y
+}
+
+/// x [rows, k] (host f32) · wᵀ for w [n, k] dense f32 on the CPU, not tracking gradients;
+/// `None` when w is anything else.
+pub fn rows_times_weight(x: &[f32], rows: usize, w: &Tensor) -> Option<Vec<f32>> {
+    if w.dtype() != DType::F32 || !w.device().is_cpu() || w.track_op() {
+        return None;
+    }
+    let (n, k) = w.dims2().ok()?;
+    if x.len() != rows * k {
+        return None;
+    }
+    let (guard, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
+        (&*guard, layout.contiguous_offsets())
+    else {
+        return None;
+    };
+    let ws = &data[a..b];
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at runtime).
+        return Some(unsafe { rows_times_wt_avx2(x, rows, ws, n, k) });
+    }
+    Some(rows_times_wt::<false>(x, rows, ws, n, k))
+}
+
+/// Whether x (f32 on the CPU, not tracking gradients, at most [`MAX_ROWS`] rows) suits the kernel.
+pub fn few_host_rows(x: &Tensor) -> bool {
+    let k = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / k.max(1);
+    rows > 0 && rows <= MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op()
+}
+
+/// x [.., k] · wᵀ for w [n, k] through the kernel when [`few_host_rows`] holds and w is dense
+/// f32; `None` otherwise (the caller uses candle's matmul).
+pub fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !few_host_rows(x) || w.dim(candle_core::D::Minus1)? != x.dim(candle_core::D::Minus1)? {
+        return Ok(None);
+    }
+    let k = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / k;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let Some(y) = rows_times_weight(&xs, rows, w) else {
+        return Ok(None);
+    };
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+    Tensor::from_vec(y, dims, x.device()).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_candle_matmul_for_every_row_count() {
+        let dev = Device::Cpu;
+        for rows in [1, 3, 16] {
+            for (n, k) in [(7, 13), (64, 160), (130, 48)] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let got = matmul_rows(&x, &w).unwrap().expect("kernel applies");
+                let want = crate::ops::linear(&x, &w, None).unwrap();
+                let diff = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-4, "rows {rows}, {n}×{k}: max diff {diff}");
+            }
+        }
+        assert!((dot_portable(&[1., 2., 3.], &[4., 5., 6.]) - 32.0).abs() < 1e-6);
+        assert!((dot(&[1.; 19], &[2.; 19]) - 38.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn declines_what_it_cannot_serve() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 4), &dev).unwrap();
+        let many = Tensor::zeros((MAX_ROWS + 1, 4), DType::F32, &dev).unwrap();
+        assert!(matmul_rows(&many, &w).unwrap().is_none());
+        // A trained weight records the backward through candle's matmul instead.
+        let var = Var::from_tensor(&w).unwrap();
+        let x = Tensor::zeros((1, 4), DType::F32, &dev).unwrap();
+        assert!(matmul_rows(&x, var.as_tensor()).unwrap().is_none());
+        let x64 = Tensor::zeros((1, 4), DType::F64, &dev).unwrap();
+        assert!(matmul_rows(&x64, &w.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .is_none());
+    }
+}
