@@ -120,41 +120,98 @@ impl Sampler {
             .enumerate()
             .map(|(i, &x)| (i, ((x - max) / t).exp()))
             .collect();
-        probs.sort_by(|a, b| {
-            b.1.partial_cmp(&a.1)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.0.cmp(&b.0))
-        });
-        if let Some(k) = self.params.top_k {
-            probs.truncate(k.max(1));
-        }
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        if self.params.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (at least one token).
-            let mut acc = 0.0;
-            let mut keep = 0;
-            for p in &probs {
-                keep += 1;
-                acc += p.1 / total;
-                if acc >= self.params.top_p {
-                    break;
+        // Candidates are walked most likely first (ties by lower id). Only the prefix the filters
+        // and the draw reach is sorted: the top m by selection, m growing ×4 — a full sort of a
+        // 100k-entry vocabulary per token would cost more than a small model's forward.
+        let n = probs.len();
+        let (top_p, min_p) = (self.params.top_p, self.params.min_p);
+        let (mut m, total) = match self.params.top_k {
+            Some(k) => {
+                let k = k.clamp(1, n);
+                sort_prefix(&mut probs, k);
+                probs.truncate(k);
+                (k, probs.iter().map(|p| p.1).sum::<f64>())
+            }
+            None => (n.min(64), probs.iter().map(|p| p.1).sum::<f64>()),
+        };
+        let unfiltered = top_p >= 1.0 && min_p <= 0.0;
+        let u = self.rng.random::<f64>();
+        loop {
+            sort_prefix(&mut probs, m);
+            let whole = m == probs.len();
+            if unfiltered {
+                // Inverse CDF over all candidates: the draw usually lands in the first few.
+                let mut rest = u * total;
+                for &(i, p) in &probs[..m] {
+                    if rest < p {
+                        return i as u32;
+                    }
+                    rest -= p;
                 }
+                if whole {
+                    return probs[m - 1].0 as u32;
+                }
+            } else if let Some(end) = kept_prefix(&probs[..m], total, top_p, min_p, whole) {
+                let kept = &probs[..end];
+                let mut rest = u * kept.iter().map(|p| p.1).sum::<f64>();
+                for &(i, p) in kept {
+                    if rest < p {
+                        return i as u32;
+                    }
+                    rest -= p;
+                }
+                return kept[end - 1].0 as u32;
             }
-            probs.truncate(keep.max(1));
+            m = (m * 4).min(probs.len());
         }
-        if self.params.min_p > 0.0 {
-            let top = probs[0].1;
-            probs.retain(|p| p.1 >= self.params.min_p * top);
-        }
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        let mut u = self.rng.random::<f64>() * total;
-        for &(i, p) in &probs {
-            if u < p {
-                return i as u32;
+    }
+}
+
+/// Most likely first, ties by lower id.
+fn likelier(a: &(usize, f64), b: &(usize, f64)) -> std::cmp::Ordering {
+    b.1.partial_cmp(&a.1)
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(a.0.cmp(&b.0))
+}
+
+/// Put the m most likely candidates first, in order.
+fn sort_prefix(probs: &mut [(usize, f64)], m: usize) {
+    if m < probs.len() {
+        probs.select_nth_unstable_by(m, likelier);
+    }
+    probs[..m].sort_by(likelier);
+}
+
+/// Length of the kept set (top-p: the smallest prefix whose mass reaches top_p of `total`, at
+/// least one; min-p: candidates ≥ min_p × the top one) when the sorted `prefix` decides it.
+fn kept_prefix(
+    prefix: &[(usize, f64)],
+    total: f64,
+    top_p: f64,
+    min_p: f64,
+    whole: bool,
+) -> Option<usize> {
+    let mut end = None;
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        for (i, p) in prefix.iter().enumerate() {
+            acc += p.1 / total;
+            if acc >= top_p {
+                end = Some(i + 1);
+                break;
             }
-            u -= p;
         }
-        probs.last().map(|p| p.0 as u32).unwrap_or(0)
+    }
+    if min_p > 0.0 {
+        let threshold = min_p * prefix[0].1;
+        if let Some(i) = prefix.iter().position(|p| p.1 < threshold) {
+            end = Some(end.map_or(i, |e: usize| e.min(i)).max(1));
+        }
+    }
+    match end {
+        Some(e) => Some(e),
+        None if whole => Some(prefix.len()),
+        None => None,
     }
 }
 
@@ -282,6 +339,68 @@ mod tests {
             n,
         );
         assert_eq!(c, again);
+    }
+
+    /// Over a 1000-token vocabulary with a flat tail, the kept set and the draw reach far past the
+    /// first sorted prefix (64): frequencies must still follow the filtered softmax, computed
+    /// here by a full sort.
+    #[test]
+    fn filters_over_a_large_vocabulary_match_the_fully_sorted_distribution() {
+        let v = 1000;
+        let logits: Vec<f32> = (0..v).map(|i| ((i * 37) % 101) as f32 * 0.01).collect();
+        for (top_p, min_p) in [(1.0, 0.0), (0.9, 0.0), (1.0, 0.8), (0.3, 0.9)] {
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_p,
+                min_p,
+                seed: 3,
+                ..Default::default()
+            };
+            // Reference: sort everything, cut by top-p mass then min-p, renormalise.
+            let mut p: Vec<(usize, f64)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (i, (x as f64).exp()))
+                .collect();
+            p.sort_by(likelier);
+            let total: f64 = p.iter().map(|x| x.1).sum();
+            let mut keep = p.len();
+            if top_p < 1.0 {
+                let mut acc = 0.0;
+                keep = p
+                    .iter()
+                    .position(|x| {
+                        acc += x.1 / total;
+                        acc >= top_p
+                    })
+                    .unwrap()
+                    + 1;
+            }
+            p.truncate(keep);
+            let top = p[0].1;
+            p.retain(|x| x.1 >= min_p * top);
+            assert!(
+                p.len() > 64,
+                "the case must need more than the first prefix"
+            );
+            let kept: f64 = p.iter().map(|x| x.1).sum();
+            let n = 10000;
+            let c = counts(params, &logits, n);
+            let inside: usize = p.iter().map(|x| c[x.0]).sum();
+            assert_eq!(
+                inside, n,
+                "top_p {top_p} min_p {min_p}: sampled outside the kept set"
+            );
+            // Mass of the most and least likely kept tokens (by groups of equal logit).
+            for group in [&p[..10], &p[p.len() - 10..]] {
+                let want: f64 = group.iter().map(|x| x.1).sum::<f64>() / kept;
+                let got = group.iter().map(|x| c[x.0]).sum::<usize>() as f64 / n as f64;
+                assert!(
+                    (got - want).abs() < 0.01,
+                    "top_p {top_p} min_p {min_p}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
