@@ -3,12 +3,15 @@
 loopback against one server process. Reports aggregate generated tokens/s, p50/p99 time to first
 token and inter-token latency, errors, and the server's resident memory (current and peak).
 
-Standard library only. Each client sends `--requests` requests one after another (chat, streaming,
-`max_tokens` tokens, eos ignored so every request generates the same number of tokens); a level's
-throughput is all tokens received over the level's wall time.
+Standard library only. Each client sends requests one after another (chat, streaming, `max_tokens`
+tokens, eos ignored so every request generates the same number of tokens) — at least `--requests`
+and until the level has run `--seconds`; a level's throughput is all tokens received over its wall
+time. The machine is shared and noisy, so `--rounds` rounds interleave the levels and each level
+reports its median round.
 
     cargo build --release
-    python3 tools/serve/load_bench.py [--model DIR] [--levels 1,4,16,64] [--max-tokens 64] [--json OUT]
+    python3 tools/serve/load_bench.py [--model DIR] [--levels 1,4,16,64] [--max-tokens 64]
+        [--seconds 5] [--rounds 3] [--binary target/release/fathom] [--extra "serve flags"] [--json OUT]
 """
 import argparse
 import http.client
@@ -90,12 +93,17 @@ def percentile(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def run_level(port, clients, requests, max_tokens):
+def run_level(port, clients, requests, max_tokens, seconds=0.0):
+    """`clients` threads each send `requests` requests one after another, and go on sending until
+    `seconds` have passed (so a level measures long enough on a noisy machine)."""
     ttfts, gaps, errors, tokens = [], [], [], [0]
     lock = threading.Lock()
+    start = time.perf_counter()
 
     def client(i):
-        for r in range(requests):
+        r = 0
+        while r < requests or time.perf_counter() - start < seconds:
+            r += 1
             try:
                 t, g, n = one_request(port, f"Client {i} asks: what is {i} + {r}?", max_tokens, i * 1000 + r)
                 with lock:
@@ -115,7 +123,7 @@ def run_level(port, clients, requests, max_tokens):
     wall = time.perf_counter() - t0
     return {
         "clients": clients,
-        "requests": clients * requests,
+        "requests": len(ttfts) + len(errors),
         "tokens": tokens[0],
         "wall_s": wall,
         "tok_s": tokens[0] / wall,
@@ -133,7 +141,9 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/fathom"))
     ap.add_argument("--model", default=None)
     ap.add_argument("--levels", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client, at least")
+    ap.add_argument("--seconds", type=float, default=5.0, help="clients keep sending until a level has run this long")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each level reports its median")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--extra", default="", help="extra flags for fathom serve")
     ap.add_argument("--json", default=None)
@@ -151,16 +161,30 @@ def main():
                     break
             except OSError:
                 time.sleep(0.1)
+        # Rounds interleave the levels so that a slow spell of the shared machine hits all of
+        # them; each level reports its median round (by tok/s).
+        levels = [int(x) for x in a.levels.split(",")]
+        runs = {level: [] for level in levels}
+        for rnd in range(a.rounds):
+            for level in levels:
+                row = run_level(port, level, a.requests, a.max_tokens, a.seconds)
+                row["rss_mb"], row["peak_rss_mb"] = (x / 2**20 for x in rss(server.pid))
+                runs[level].append(row)
+                print(f"round {rnd + 1}: {level:>3} clients: {row['tok_s']:8.1f} tok/s  ttft p50 {row['ttft_p50_ms']:7.1f} ms "
+                      f"p99 {row['ttft_p99_ms']:7.1f} ms  itl p50 {row['itl_p50_ms']:6.1f} ms "
+                      f"p99 {row['itl_p99_ms']:6.1f} ms  errors {row['errors']}  rss {row['rss_mb']:.0f} MB",
+                      file=sys.stderr)
         rows = []
-        for level in [int(x) for x in a.levels.split(",")]:
-            row = run_level(port, level, a.requests, a.max_tokens)
-            row["rss_mb"], row["peak_rss_mb"] = (x / 2**20 for x in rss(server.pid))
+        for level in levels:
+            by_speed = sorted(runs[level], key=lambda r: r["tok_s"])
+            row = dict(by_speed[len(by_speed) // 2])
+            row["errors"] = sum(r["errors"] for r in runs[level])
+            row["requests"] = sum(r["requests"] for r in runs[level])
+            row["tok_s_rounds"] = [r["tok_s"] for r in runs[level]]
             rows.append(row)
-            print(f"{level:>3} clients: {row['tok_s']:8.1f} tok/s  ttft p50 {row['ttft_p50_ms']:7.1f} ms "
-                  f"p99 {row['ttft_p99_ms']:7.1f} ms  itl p50 {row['itl_p50_ms']:6.1f} ms "
-                  f"p99 {row['itl_p99_ms']:6.1f} ms  errors {row['errors']}  rss {row['rss_mb']:.0f} MB",
-                  file=sys.stderr)
         base = rows[0]["tok_s"]
+        print(f"median of {a.rounds} interleaved rounds, {a.seconds:.0f} s per level per round, "
+              f"{a.max_tokens} tokens per request")
         print("| clients | requests | aggregate tok/s | × vs 1 client | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | errors | RSS / peak (MB) |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:

@@ -74,45 +74,82 @@ impl StopMatcher {
 }
 
 /// Incremental detokeniser with hold-back for stop strings and partial UTF-8.
+///
+/// Each token decodes only a short window, as vLLM and TGI do: the ids from `prefix_offset`
+/// (a few tokens back, so a tokenizer that treats the first token of a decode specially sees the
+/// same context both times) to the end, minus the decode of the same window without the new ids.
+/// Re-decoding the whole output every token made a long (R1-length) reply quadratic.
 pub struct TextStream<'a> {
     tok: Option<&'a TextTokenizer>,
     ids: Vec<u32>,
+    /// Window start and the end of the ids already turned into `text`.
+    prefix_offset: usize,
+    read_offset: usize,
     text: String,
     emitted: usize,
     stops: StopMatcher,
+    longest_stop: usize,
 }
 
 impl<'a> TextStream<'a> {
     pub fn new(tok: Option<&'a TextTokenizer>, stops: &[String]) -> Self {
+        let stops = StopMatcher::new(stops);
+        let longest_stop = stops.stops.iter().map(|s| s.len()).max().unwrap_or(0);
         TextStream {
             tok,
             ids: vec![],
+            prefix_offset: 0,
+            read_offset: 0,
             text: String::new(),
             emitted: 0,
-            stops: StopMatcher::new(stops),
+            stops,
+            longest_stop,
         }
+    }
+
+    /// Text the ids after `read_offset` add (`force`: even if it ends in an incomplete UTF-8
+    /// sequence, at the end of generation).
+    fn decode_new(&mut self, force: bool) -> candle_core::Result<()> {
+        let Some(tok) = self.tok else {
+            return Ok(());
+        };
+        let decode = |ids: &[u32]| {
+            tok.decode(ids, false)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        };
+        let before = decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let after = decode(&self.ids[self.prefix_offset..])?;
+        // A trailing U+FFFD is an incomplete multi-byte sequence: wait for the next token.
+        if after.len() > before.len() && (force || !after.ends_with('\u{FFFD}')) {
+            match after.get(before.len()..) {
+                Some(delta) => self.text.push_str(delta),
+                // The window's earlier text changed (not seen with byte-level BPE or
+                // SentencePiece): fall back to the whole output once.
+                None => self.text = decode(&self.ids)?,
+            }
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+        Ok(())
     }
 
     /// Add a token; returns newly final text, and whether a stop string completed.
     pub fn push(&mut self, id: u32) -> candle_core::Result<(String, bool)> {
         self.ids.push(id);
-        let Some(tok) = self.tok else {
-            return Ok((String::new(), false));
-        };
-        self.text = tok
-            .decode(&self.ids, false)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        if let Some(at) = self.stops.find(&self.text) {
-            self.text.truncate(at);
+        let checked = self.text.len();
+        self.decode_new(false)?;
+        // Only the new text (and a stop's length before it) can complete a stop string.
+        let mut from = checked.saturating_sub(self.longest_stop);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        if let Some(at) = self.stops.find(&self.text[from..]) {
+            self.text.truncate(from + at);
             let out = self.text.get(self.emitted..).unwrap_or("").to_string();
             self.emitted = self.text.len();
             return Ok((out, true));
         }
         let mut safe = self.stops.safe_len(&self.text);
-        // A trailing U+FFFD is an incomplete multi-byte sequence: wait for the next token.
-        if self.text[..safe].ends_with('\u{FFFD}') {
-            safe -= '\u{FFFD}'.len_utf8();
-        }
         while !self.text.is_char_boundary(safe) {
             safe -= 1;
         }
@@ -126,6 +163,11 @@ impl<'a> TextStream<'a> {
 
     /// Whatever was held back, at the end of generation.
     pub fn finish(&mut self) -> String {
+        if self.read_offset < self.ids.len() && self.decode_new(true).is_ok() {
+            if let Some(at) = self.stops.find(&self.text) {
+                self.text.truncate(at);
+            }
+        }
         let out = self.text.get(self.emitted..).unwrap_or("").to_string();
         self.emitted = self.text.len();
         out
@@ -228,6 +270,63 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn default_tokenizer() -> TextTokenizer {
+        TextTokenizer::from_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default"),
+        )
+        .unwrap()
+    }
+
+    /// Streaming token by token gives exactly the whole decode, multi-byte characters split over
+    /// byte tokens included, and nothing is emitted as a half character.
+    #[test]
+    fn incremental_text_equals_the_whole_decode() {
+        let tok = default_tokenizer();
+        for text in [
+            "naïve café — 東京 🙂 ok",
+            "plain words and 12 + 35 = 47.",
+            "ü🙂🙂ü  \n\t x",
+        ] {
+            let ids = tok.encode(text, false).unwrap();
+            let mut stream = TextStream::new(Some(&tok), &[]);
+            let mut out = String::new();
+            for &id in &ids {
+                let (piece, stopped) = stream.push(id).unwrap();
+                assert!(!stopped);
+                assert!(
+                    !piece.contains('\u{FFFD}'),
+                    "{text:?}: half a character in {piece:?}"
+                );
+                out.push_str(&piece);
+            }
+            out.push_str(&stream.finish());
+            assert_eq!(out, tok.decode(&ids, false).unwrap(), "{text:?}");
+            assert_eq!(stream.text(), out);
+        }
+    }
+
+    #[test]
+    fn stop_strings_cut_the_stream_across_token_boundaries() {
+        let tok = default_tokenizer();
+        let ids = tok
+            .encode("The answer is 47</answer> and more text", false)
+            .unwrap();
+        let mut stream = TextStream::new(Some(&tok), &["</answer>".to_string()]);
+        let mut out = String::new();
+        let mut stopped_at = None;
+        for (i, &id) in ids.iter().enumerate() {
+            let (piece, stopped) = stream.push(id).unwrap();
+            out.push_str(&piece);
+            if stopped {
+                stopped_at = Some(i);
+                break;
+            }
+        }
+        assert!(stopped_at.is_some());
+        assert_eq!(out, "The answer is 47");
+        assert_eq!(stream.finish(), "");
+    }
 
     #[test]
     fn stop_matcher_holds_back_partial_stops() {
