@@ -136,27 +136,16 @@ impl GqaAttention {
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         let (q, k, v) = self.project(x)?;
-        if packed_attention::applies(segments, x.device(), x.dtype()) {
-            return self
-                .o_proj
-                .forward(&self.attend_packed(&q, &k, &v, rope, segments, caches)?);
-        }
-        let outs = segments
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(s, c)| {
-                let rows = |t: &Tensor| t.narrow(1, s.start, s.len);
-                self.attend(
-                    &rows(&q)?,
-                    &rows(&k)?,
-                    &rows(&v)?,
-                    rope,
-                    s.offset,
-                    Some(&mut **c),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+        let kernel_ok = packed_attention::kernel_available(x.device(), x.dtype());
+        let out = packed_attention::attend_split(
+            &[&q, &k, &v],
+            segments,
+            caches,
+            kernel_ok,
+            |t, segs, cs| self.attend_packed(&t[0], &t[1], &t[2], rope, segs, cs),
+            |t, s, c| self.attend(&t[0], &t[1], &t[2], rope, s.offset, Some(c)),
+        )?;
+        self.o_proj.forward(&out)
     }
 
     /// A packed batch of short segments (decode steps, draft verification): rope at each row's

@@ -150,27 +150,17 @@ impl Mla {
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         let (q, ckv) = self.project(x)?;
-        if caches.iter().all(|c| c.latent_mode)
-            && packed_attention::applies(segments, x.device(), x.dtype())
-        {
-            return self
-                .o_proj
-                .forward(&self.attend_packed(&q, &ckv, rope, segments, caches)?);
-        }
-        let outs = segments
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(s, c)| {
-                self.attend(
-                    &q.narrow(1, s.start, s.len)?,
-                    &ckv.narrow(1, s.start, s.len)?,
-                    rope,
-                    s.offset,
-                    Some(&mut **c),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+        let kernel_ok = caches.iter().all(|c| c.latent_mode)
+            && packed_attention::kernel_available(x.device(), x.dtype());
+        let out = packed_attention::attend_split(
+            &[&q, &ckv],
+            segments,
+            caches,
+            kernel_ok,
+            |t, segs, cs| self.attend_packed(&t[0], &t[1], rope, segs, cs),
+            |t, s, c| self.attend(&t[0], &t[1], rope, s.offset, Some(c)),
+        )?;
+        self.o_proj.forward(&out)
     }
 
     /// The absorbed form for a packed batch of short segments (decode steps, draft verification):

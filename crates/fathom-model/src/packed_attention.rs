@@ -12,7 +12,7 @@
 //! (keys, values per kv head; no rope part). CPU f32 only: callers fall back to the per-sequence
 //! path on other devices and dtypes. Inference only (no backward).
 
-use crate::cache::{Segment, SeqBuffer};
+use crate::cache::{LayerCache, Segment, SeqBuffer};
 use crate::rows_matmul::{axpy, dot};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use std::ops::Deref;
@@ -21,12 +21,82 @@ use std::ops::Deref;
 /// per-sequence path, whose matmuls are faster for many rows.
 pub const MAX_PACKED_ROWS: usize = 8;
 
-/// Whether the kernel can serve these segments on this device and dtype.
-pub fn applies(segments: &[Segment], device: &Device, dtype: DType) -> bool {
-    device.is_cpu()
-        && dtype == DType::F32
-        && !segments.is_empty()
-        && segments.iter().all(|s| s.len <= MAX_PACKED_ROWS)
+/// Whether the kernel runs on this device and dtype.
+pub fn kernel_available(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
+}
+
+/// Attention for the packed rows of a step: the short segments (decode rows, draft verification)
+/// together through `packed` (the kernel; only when `kernel_ok`), each long one (a prefill
+/// chunk) through `single`; outputs [1, T, ·] in packed row order. `inputs` are the projected
+/// per-row tensors [1, T, ·] both paths read (q and c_kv, or q, k and v). Splitting keeps a
+/// prefill joining the batch from sending every decoding sequence down the slow path.
+pub fn attend_split(
+    inputs: &[&Tensor],
+    segments: &[Segment],
+    caches: &mut [&mut LayerCache],
+    kernel_ok: bool,
+    mut packed: impl FnMut(&[Tensor], &[Segment], &mut [&mut LayerCache]) -> Result<Tensor>,
+    mut single: impl FnMut(&[Tensor], &Segment, &mut LayerCache) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let short: Vec<bool> = segments
+        .iter()
+        .map(|s| kernel_ok && s.len <= MAX_PACKED_ROWS)
+        .collect();
+    let all = |t: &[&Tensor]| t.iter().map(|&x| x.clone()).collect::<Vec<_>>();
+    if short.iter().all(|&b| b) {
+        return packed(&all(inputs), segments, caches);
+    }
+    let rows_of = |s: &Segment| -> Result<Vec<Tensor>> {
+        inputs.iter().map(|t| t.narrow(1, s.start, s.len)).collect()
+    };
+    // The short segments' rows gathered and re-based; their caches and the long ones', apart.
+    let mut short_rows: Vec<u32> = vec![];
+    let mut short_segments = vec![];
+    let (mut short_caches, mut long_caches) = (vec![], vec![]);
+    for ((s, c), &is_short) in segments.iter().zip(caches.iter_mut()).zip(&short) {
+        if is_short {
+            short_segments.push(Segment {
+                start: short_rows.len(),
+                ..*s
+            });
+            short_rows.extend((s.start..s.start + s.len).map(|r| r as u32));
+            short_caches.push(&mut **c);
+        } else {
+            long_caches.push(&mut **c);
+        }
+    }
+    let mut parts = vec![];
+    if !short_rows.is_empty() {
+        let idx = Tensor::new(short_rows.as_slice(), inputs[0].device())?;
+        let gathered = inputs
+            .iter()
+            .map(|t| t.index_select(&idx, 1))
+            .collect::<Result<Vec<_>>>()?;
+        parts.push(packed(&gathered, &short_segments, &mut short_caches)?);
+    }
+    let long_segments = segments.iter().zip(&short).filter(|(_, &b)| !b);
+    for ((s, _), c) in long_segments.zip(long_caches) {
+        parts.push(single(&rows_of(s)?, s, c)?);
+    }
+    let joined = Tensor::cat(&parts, 1)?;
+    if short_rows.is_empty() {
+        return Ok(joined);
+    }
+    // Where each packed row landed in `joined`: short rows first, then the long segments'.
+    let mut place = vec![0u32; segments.iter().map(|s| s.len).sum()];
+    let mut next = 0u32;
+    for pass_short in [true, false] {
+        for (s, &is_short) in segments.iter().zip(&short) {
+            if is_short == pass_short {
+                for r in s.start..s.start + s.len {
+                    place[r] = next;
+                    next += 1;
+                }
+            }
+        }
+    }
+    joined.index_select(&Tensor::new(place.as_slice(), joined.device())?, 1)
 }
 
 /// One sequence's cache for the kernel: in-place buffers [G, capacity, d] of which the first

@@ -34,10 +34,11 @@ fn check(name: &str, plain: bool) {
     let mut caches: Vec<KvCache> = (0..3).map(|_| new_cache()).collect();
     // Steps: which (sequence, number of new rows) each pass packs. Sequence 0 prefills 5 then
     // decodes; 1 prefills in chunks of 3 and 4; 2 joins late with 10 rows (longer than the packed
-    // attention kernel takes: that step runs per sequence), then single rows.
+    // attention kernel takes: it runs alone while the short rows packed after it go
+    // through the kernel, and come back in row order), then single rows.
     let steps: Vec<Vec<(usize, usize)>> = vec![
         vec![(0, 5), (1, 3)],
-        vec![(0, 1), (1, 4), (2, 10)],
+        vec![(2, 10), (0, 1), (1, 4)],
         vec![(2, 1), (0, 1), (1, 1)],
         vec![(1, 1), (2, 2), (0, 1)],
     ];
