@@ -161,10 +161,7 @@ impl GqaAttention {
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         let (rows, d) = (q.dim(1)?, self.head_dim);
-        let positions: Vec<u32> = segments
-            .iter()
-            .flat_map(|s| (0..s.len).map(move |i| (s.offset + i) as u32))
-            .collect();
+        let positions = packed_attention::row_positions(segments);
         // [T, heads, d] → [1, heads, T, d] for rope, and back.
         let roped = |t: &Tensor, heads: usize| -> Result<Tensor> {
             rope.apply_at(

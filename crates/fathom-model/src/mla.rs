@@ -110,6 +110,18 @@ impl Mla {
         })
     }
 
+    /// (heads, d_nope, d_rope, d_v, kv_lora_rank).
+    fn head_dims(&self) -> (usize, usize, usize, usize, usize) {
+        let m = &self.dims;
+        (
+            self.heads,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        )
+    }
+
     /// Queries [b, s, h·d_qk].
     fn query(&self, x: &Tensor) -> Result<Tensor> {
         match &self.q {
@@ -175,19 +187,9 @@ impl Mla {
         segments: &[Segment],
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
-        let m = &self.dims;
-        let (h, dn, dr, dv, r) = (
-            self.heads,
-            m.qk_nope_head_dim,
-            m.qk_rope_head_dim,
-            m.v_head_dim,
-            m.kv_lora_rank,
-        );
+        let (h, dn, dr, dv, r) = self.head_dims();
         let rows = q.dim(1)?;
-        let positions: Vec<u32> = segments
-            .iter()
-            .flat_map(|s| (0..s.len).map(move |i| (s.offset + i) as u32))
-            .collect();
+        let positions = packed_attention::row_positions(segments);
         let q = q.reshape((rows, h, dn + dr))?;
         let w = self.kv_b_proj.reshape((h, dn + dv, r))?;
         let q_lat = q
@@ -265,14 +267,7 @@ impl Mla {
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (b, s, _) = q.dims3()?;
-        let m = &self.dims;
-        let (h, dn, dr, dv, r) = (
-            self.heads,
-            m.qk_nope_head_dim,
-            m.qk_rope_head_dim,
-            m.v_head_dim,
-            m.kv_lora_rank,
-        );
+        let (h, dn, dr, dv, r) = self.head_dims();
         let q = q.reshape((b, s, h, dn + dr))?;
         // q_nope as [h, b·s, d_nope] for the per-head absorption.
         let q_nope = q

@@ -26,6 +26,14 @@ pub fn kernel_available(device: &Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32
 }
 
+/// The position of every packed row (segment by segment: offset, offset + 1, …).
+pub fn row_positions(segments: &[Segment]) -> Vec<u32> {
+    segments
+        .iter()
+        .flat_map(|s| (0..s.len).map(move |i| (s.offset + i) as u32))
+        .collect()
+}
+
 /// Attention for the packed rows of a step: the short segments (decode rows, draft verification)
 /// together through `packed` (the kernel; only when `kernel_ok`), each long one (a prefill
 /// chunk) through `single`; outputs [1, T, ·] in packed row order. `inputs` are the projected
