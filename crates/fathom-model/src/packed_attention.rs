@@ -97,8 +97,8 @@ pub fn attend_split(
     for pass_short in [true, false] {
         for (s, &is_short) in segments.iter().zip(&short) {
             if is_short == pass_short {
-                for r in s.start..s.start + s.len {
-                    place[r] = next;
+                for p in &mut place[s.start..s.start + s.len] {
+                    *p = next;
                     next += 1;
                 }
             }
