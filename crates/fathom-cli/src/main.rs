@@ -136,6 +136,12 @@ struct SamplingArgs {
     /// Stop when this string appears (repeatable); it is not included in the output.
     #[arg(long)]
     stop: Vec<String>,
+    /// Decode without MTP speculative decoding (on by default for models with MTP modules).
+    #[arg(long)]
+    no_spec: bool,
+    /// Tokens the MTP module drafts per step (speculative decoding; 0 = off).
+    #[arg(long, default_value_t = fathom_engine::DEFAULT_DRAFT_TOKENS)]
+    draft_tokens: usize,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -403,6 +409,7 @@ fn run_generation(
         stop: &s.stop,
         ignore_eos: s.ignore_eos,
         eos_ids: &eos,
+        draft_tokens: if s.no_spec { 0 } else { s.draft_tokens },
     };
     let mut stdout = std::io::stdout();
     let mut on_text = |t: &str| {
@@ -423,6 +430,9 @@ fn run_generation(
             n as f64 / g.decode_secs.max(1e-9),
             g.finish.as_str()
         );
+        if let Some(spec) = &g.spec {
+            eprintln!("[{}]", spec.summary());
+        }
     }
     Ok(g)
 }

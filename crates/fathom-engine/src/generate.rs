@@ -3,9 +3,10 @@
 //! an incomplete UTF-8 sequence or a possible start of a stop string is held back.
 
 use crate::sampler::{Sampler, SamplingParams};
+use crate::speculative::{pick_draft, verify, Drafter, SpecStats};
 use candle_core::{DType, Tensor};
 use fathom_core::TextTokenizer;
-use fathom_model::CausalLm;
+use fathom_model::{CausalLm, KvCache, Segment};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// Speculative decoding's draft statistics, when it ran.
+    pub spec: Option<SpecStats>,
 }
 
 /// Finds stop strings in generated text and says how much text is safe to show.
@@ -184,15 +187,68 @@ pub struct GenerateOptions<'a> {
     pub stop: &'a [String],
     pub ignore_eos: bool,
     pub eos_ids: &'a [u32],
+    /// MTP speculative decoding: tokens drafted per step (0 = off). Models without MTP modules
+    /// decode plainly whatever this says.
+    pub draft_tokens: usize,
 }
 
-fn last_logits(logits: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let s = logits.dim(1)?;
-    logits
-        .narrow(1, s - 1, 1)?
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .to_vec1()
+/// Draft tokens per step by default where the model has an MTP module.
+pub const DEFAULT_DRAFT_TOKENS: usize = 2;
+
+/// The output side of decoding: every token goes through `emit`, which applies eos, stop
+/// strings, `max_tokens` and the context limit the same way for plain and speculative decoding.
+struct Emitter<'a, 'b> {
+    opts: &'b GenerateOptions<'b>,
+    stream: TextStream<'a>,
+    history: Vec<u32>,
+    out: Vec<u32>,
+    context: usize,
+}
+
+impl Emitter<'_, '_> {
+    /// Take a sampled token; returns why generation ends, if it does.
+    fn emit(
+        &mut self,
+        token: u32,
+        on_text: &mut dyn FnMut(&str),
+    ) -> candle_core::Result<Option<FinishReason>> {
+        if !self.opts.ignore_eos && self.opts.eos_ids.contains(&token) {
+            return Ok(Some(FinishReason::Eos));
+        }
+        self.out.push(token);
+        self.history.push(token);
+        let (piece, stopped) = self.stream.push(token)?;
+        if !piece.is_empty() {
+            on_text(&piece);
+        }
+        if stopped {
+            return Ok(Some(FinishReason::Stop));
+        }
+        if self.out.len() >= self.opts.max_tokens || self.history.len() >= self.context {
+            return Ok(Some(FinishReason::Length));
+        }
+        Ok(None)
+    }
+}
+
+/// Run `ids` at positions offset.. through the model (the packed path, one segment, as the
+/// server runs it) and return their final hidden states [n, hidden].
+fn forward_rows(
+    model: &CausalLm,
+    cache: &mut KvCache,
+    ids: &[u32],
+    offset: usize,
+) -> candle_core::Result<Tensor> {
+    let segment = [Segment {
+        start: 0,
+        len: ids.len(),
+        offset,
+    }];
+    model.forward_packed_hidden(ids, &segment, &mut [cache])
+}
+
+fn row_logits(model: &CausalLm, hidden: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    model.logits(hidden)?.to_dtype(DType::F32)?.to_vec2()
 }
 
 /// Generate from `prompt` ids, calling `on_text` with each piece of final text.
@@ -219,51 +275,104 @@ pub fn generate(
     }
     opts.params.validate().map_err(candle_core::Error::Msg)?;
     let mut sampler = Sampler::new(opts.params.clone());
-    let mut stream = TextStream::new(tok, opts.stop);
+    let mut em = Emitter {
+        opts,
+        stream: TextStream::new(tok, opts.stop),
+        history: prompt.to_vec(),
+        out: vec![],
+        context: ctx,
+    };
     let mut cache = model.new_cache();
-    let mut history: Vec<u32> = prompt.to_vec();
-    let mut out = vec![];
+    let mut drafter = if opts.draft_tokens > 0 {
+        Drafter::new(model)
+    } else {
+        None
+    };
+    let mut spec = drafter.as_ref().map(|_| SpecStats::default());
+    let output_start = prompt.len();
 
     let t0 = Instant::now();
-    let ids = Tensor::new(prompt, &model.device)?.unsqueeze(0)?;
-    let mut logits = last_logits(&model.forward(&ids, 0, Some(&mut cache))?)?;
+    let prompt_hidden = forward_rows(model, &mut cache, prompt, 0)?;
+    let last = prompt_hidden.narrow(0, prompt.len() - 1, 1)?;
+    let logits = row_logits(model, &last)?.remove(0);
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut finish = FinishReason::Length;
-    while out.len() < opts.max_tokens {
-        let next = sampler.sample(&logits, &history, prompt.len());
-        if !opts.ignore_eos && opts.eos_ids.contains(&next) {
-            finish = FinishReason::Eos;
-            break;
+    if opts.max_tokens > 0 {
+        let mut next = sampler.sample(&logits, &em.history, output_start);
+        // Rows the drafter has not seen yet: hidden states, the token after each, first position.
+        let mut pending_hidden = prompt_hidden;
+        let mut pending_next: Vec<u32> = prompt[1..].to_vec();
+        let mut pending_offset = 0;
+        loop {
+            if let Some(r) = em.emit(next, on_text)? {
+                finish = r;
+                break;
+            }
+            let pos = em.history.len() - 1; // where `next` goes
+            let room = (ctx - 1 - pos).min(opts.max_tokens - em.out.len());
+            let k = opts.draft_tokens.min(room);
+            let (Some(d), true) = (drafter.as_mut(), k > 0) else {
+                let h = forward_rows(model, &mut cache, &[next], pos)?;
+                next = sampler.sample(&row_logits(model, &h)?[0], &em.history, output_start);
+                continue;
+            };
+            pending_next.push(next);
+            let drafts = {
+                let mut pick = pick_draft(&mut sampler, &em.history, output_start);
+                d.draft(
+                    model,
+                    &pending_hidden,
+                    &pending_next,
+                    pending_offset,
+                    k,
+                    &mut pick,
+                )?
+            };
+            let mut ids = vec![next];
+            ids.extend(drafts.iter().map(|d| d.token));
+            let h = forward_rows(model, &mut cache, &ids, pos)?;
+            let verdict = verify(
+                &mut sampler,
+                &row_logits(model, &h)?,
+                &drafts,
+                &em.history,
+                output_start,
+            );
+            let stats = spec.as_mut().expect("drafting implies stats");
+            stats.record(drafts.len(), verdict.accepted);
+            stats.tokens += verdict.accepted as u64 + 1;
+            // Keep the verified rows (next and the accepted drafts); drop the rejected ones.
+            cache.truncate(pos + verdict.accepted + 1)?;
+            pending_hidden = h.narrow(0, 0, verdict.accepted + 1)?;
+            pending_next = drafts[..verdict.accepted].iter().map(|d| d.token).collect();
+            pending_offset = pos;
+            let mut ended = None;
+            for d in &drafts[..verdict.accepted] {
+                if let Some(r) = em.emit(d.token, on_text)? {
+                    ended = Some(r);
+                    break;
+                }
+            }
+            if let Some(r) = ended {
+                finish = r;
+                break;
+            }
+            next = verdict.next;
         }
-        out.push(next);
-        history.push(next);
-        let (piece, stopped) = stream.push(next)?;
-        if !piece.is_empty() {
-            on_text(&piece);
-        }
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
-        }
-        let pos = history.len() - 1;
-        if pos + 1 >= ctx || out.len() >= opts.max_tokens {
-            break;
-        }
-        let x = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
-        logits = last_logits(&model.forward(&x, pos, Some(&mut cache))?)?;
     }
-    let rest = stream.finish();
+    let rest = em.stream.finish();
     if !rest.is_empty() {
         on_text(&rest);
     }
     Ok(Generation {
-        token_ids: out,
-        text: stream.text().to_string(),
+        token_ids: em.out,
+        text: em.stream.text().to_string(),
         finish,
         prompt_tokens: prompt.len(),
         prefill_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
+        spec,
     })
 }
 

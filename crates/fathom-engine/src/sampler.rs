@@ -83,6 +83,82 @@ impl Sampler {
     /// Pick the next token from `logits` given the ids seen so far (prompt + generated);
     /// `history[output_start..]` is the generated part (what presence/frequency penalties count).
     pub fn sample(&mut self, logits: &[f32], history: &[u32], output_start: usize) -> u32 {
+        let l = self.penalised(logits, history, output_start);
+        if self.params.temperature == 0.0 {
+            return argmax(&l);
+        }
+        self.sample_penalised(l)
+    }
+
+    /// Whether sampling is greedy (temperature 0): the token is the argmax of the penalised logits.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
+    /// The full distribution `sample` draws from (temperature > 0): probabilities over the whole
+    /// vocabulary after penalties, temperature and the top-k / top-p / min-p filters, zero outside
+    /// the kept set, summing to 1. Speculative decoding compares the target's and the draft's.
+    pub fn distribution(&self, logits: &[f32], history: &[u32], output_start: usize) -> Vec<f64> {
+        let l = self.penalised(logits, history, output_start);
+        let t = self.params.temperature.max(f64::MIN_POSITIVE);
+        let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut probs: Vec<(usize, f64)> = l
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i, ((x - max) / t).exp()))
+            .collect();
+        let n = probs.len();
+        let (top_p, min_p) = (self.params.top_p, self.params.min_p);
+        if let Some(k) = self.params.top_k {
+            sort_prefix(&mut probs, k.clamp(1, n));
+            probs.truncate(k.clamp(1, n));
+        }
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        let kept = if top_p >= 1.0 && min_p <= 0.0 {
+            probs.len()
+        } else {
+            let mut m = probs.len().min(64);
+            loop {
+                sort_prefix(&mut probs, m);
+                let whole = m == probs.len();
+                if let Some(end) = kept_prefix(&probs[..m], total, top_p, min_p, whole) {
+                    break end;
+                }
+                m = (m * 4).min(probs.len());
+            }
+        };
+        let mass: f64 = probs[..kept].iter().map(|p| p.1).sum();
+        let mut out = vec![0f64; n];
+        for &(i, p) in &probs[..kept] {
+            out[i] = p / mass;
+        }
+        out
+    }
+
+    /// A uniform draw in [0, 1) from this sampler's generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// A token drawn from `probs` (non-negative, any total > 0).
+    pub fn draw(&mut self, probs: &[f64]) -> u32 {
+        let total: f64 = probs.iter().sum();
+        let mut rest = self.uniform() * total;
+        let mut last = 0;
+        for (i, &p) in probs.iter().enumerate() {
+            if p > 0.0 {
+                if rest < p {
+                    return i as u32;
+                }
+                rest -= p;
+                last = i;
+            }
+        }
+        last as u32
+    }
+
+    /// Logits after the repetition and presence/frequency penalties.
+    fn penalised(&self, logits: &[f32], history: &[u32], output_start: usize) -> Vec<f64> {
         let mut l: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
         let (pp, fp) = (self.params.presence_penalty, self.params.frequency_penalty);
         if pp != 0.0 || fp != 0.0 {
@@ -110,9 +186,10 @@ impl Sampler {
                 }
             }
         }
-        if self.params.temperature == 0.0 {
-            return argmax(&l);
-        }
+        l
+    }
+
+    fn sample_penalised(&mut self, l: Vec<f64>) -> u32 {
         let t = self.params.temperature;
         let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let mut probs: Vec<(usize, f64)> = l

@@ -80,6 +80,7 @@ fn alone(model: &CausalLm, tok: &TextTokenizer, prompt: &[u32], max_tokens: usiz
         stop: &[],
         ignore_eos: true,
         eos_ids: &[],
+        draft_tokens: 0,
     };
     generate(model, Some(tok), prompt, &opts, &mut |_| {})
         .unwrap()

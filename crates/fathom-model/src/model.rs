@@ -305,6 +305,20 @@ impl CausalLm {
         caches: &mut [&mut KvCache],
         rows: &[u32],
     ) -> Result<Tensor> {
+        let picked = self
+            .forward_packed_hidden(ids, segments, caches)?
+            .index_select(&Tensor::new(rows, &self.device)?, 0)?;
+        self.logits(&picked)
+    }
+
+    /// As [`forward_packed`](Self::forward_packed), returning the final normed hidden state of every
+    /// packed row [T, hidden] (speculative decoding feeds them to the MTP module).
+    pub fn forward_packed_hidden(
+        &self,
+        ids: &[u32],
+        segments: &[Segment],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         if segments.len() != caches.len() {
             candle_core::bail!("{} segments but {} caches", segments.len(), caches.len())
         }
@@ -318,10 +332,7 @@ impl CausalLm {
                 caches.iter_mut().map(|c| &mut c.layers[i]).collect();
             x = layer.forward_packed(&x, &self.rope, segments, &mut layer_caches)?;
         }
-        let picked = x
-            .squeeze(0)?
-            .index_select(&Tensor::new(rows, &self.device)?, 0)?;
-        self.logits(&self.norm.forward(&picked)?)
+        self.norm.forward(&x.squeeze(0)?)
     }
 
     /// Logits [b, s, vocab] from normed hidden states.

@@ -6,7 +6,7 @@
 //! The checkpoint's per-module `embed_tokens` / `shared_head.head` copies equal the main ones and
 //! are shared, not loaded twice.
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Segment};
 use crate::decoder::DecoderLayer;
 use crate::linear::Linear;
 use crate::moe::Routing;
@@ -52,6 +52,42 @@ impl MtpModule {
             .0)
     }
 
+    /// The same for decoding: `prev_hidden`, `next_embeds` [1, n, d] at positions offset.. over a
+    /// cache, the block through the packed path (the packed attention kernel and host kernels that
+    /// inference uses; speculative decoding drafts this way).
+    pub fn forward_decode(
+        &self,
+        prev_hidden: &Tensor,
+        next_embeds: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let h = self
+            .eh_proj
+            .forward(&self.project_inputs(prev_hidden, next_embeds)?)?;
+        let segment = [Segment {
+            start: 0,
+            len: h.dim(1)?,
+            offset,
+        }];
+        let h = self
+            .block
+            .forward_packed(&h, rope, &segment, &mut [cache])?;
+        self.shared_head_norm.forward(&h)
+    }
+
+    /// [enorm(Emb(t_{i+k})) ; hnorm(h^{k−1}_i)].
+    fn project_inputs(&self, prev_hidden: &Tensor, next_embeds: &Tensor) -> Result<Tensor> {
+        Tensor::cat(
+            &[
+                self.enorm.forward(next_embeds)?,
+                self.hnorm.forward(prev_hidden)?,
+            ],
+            D::Minus1,
+        )
+    }
+
     /// As `forward`, also returning the routing of the block's MoE (for balancing in training).
     pub fn forward_with_routing(
         &self,
@@ -61,14 +97,9 @@ impl MtpModule {
         offset: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Option<Routing>)> {
-        let cat = Tensor::cat(
-            &[
-                self.enorm.forward(next_embeds)?,
-                self.hnorm.forward(prev_hidden)?,
-            ],
-            D::Minus1,
-        )?;
-        let h = self.eh_proj.forward(&cat)?;
+        let h = self
+            .eh_proj
+            .forward(&self.project_inputs(prev_hidden, next_embeds)?)?;
         let (h, routing) = self.block.forward(&h, rope, offset, cache)?;
         Ok((self.shared_head_norm.forward(&h)?, routing))
     }

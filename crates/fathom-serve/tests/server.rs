@@ -161,6 +161,7 @@ fn greedy_text(srv: &Server, messages: Value, max_tokens: usize) -> String {
         stop: &[],
         ignore_eos: false,
         eos_ids: &srv.tok.eos_ids,
+        draft_tokens: 0,
     };
     generate(&srv.model, Some(&srv.tok), &ids, &opts, &mut |_| {})
         .unwrap()
