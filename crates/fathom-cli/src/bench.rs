@@ -43,6 +43,32 @@ pub struct BenchArgs {
     /// same path at one sequence (`batch_decode_tok_s`, `batch_speedup`).
     #[arg(long)]
     batch: Option<usize>,
+    /// Skip the MTP speculative decoding measurement (run by default for models with MTP modules).
+    #[arg(long)]
+    no_spec: bool,
+    /// Tokens the MTP module drafts per step in the speculative measurement.
+    #[arg(long, default_value_t = fathom_engine::DEFAULT_DRAFT_TOKENS)]
+    draft_tokens: usize,
+}
+
+/// Greedy decode of `n` tokens through `generate` (the path `fathom generate` runs), with
+/// `draft_tokens` MTP drafts per step (0 = plain): (tok/s, the draft statistics).
+fn timed_generate(
+    model: &CausalLm,
+    prompt: &[u32],
+    n: usize,
+    draft_tokens: usize,
+) -> Result<(f64, Option<fathom_engine::SpecStats>)> {
+    let opts = fathom_engine::GenerateOptions {
+        params: fathom_engine::SamplingParams::default(),
+        max_tokens: n,
+        stop: &[],
+        ignore_eos: true,
+        eos_ids: &[],
+        draft_tokens,
+    };
+    let g = fathom_engine::generate(model, None, prompt, &opts, &mut |_| {})?;
+    Ok((g.token_ids.len() as f64 / g.decode_secs.max(1e-9), g.spec))
 }
 
 /// Sustained read bandwidth of this machine, GB/s: `threads` workers summing disjoint halves of a
@@ -99,6 +125,9 @@ fn timed_prefill(model: &CausalLm, cache: &mut KvCache, prompt: &[u32]) -> Resul
         .to_scalar::<u32>()?;
     Ok((t0.elapsed().as_secs_f64(), next))
 }
+
+/// The text the speculative measurement continues.
+const SPEC_PROMPT: &str = "ROMEO: But soft, what light through yonder window breaks?";
 
 /// Decode `steps` tokens for each of `n` sequences together through `forward_packed` (one row per
 /// sequence per step, greedy), each from a one-token context; seconds taken (first step excluded).
@@ -210,6 +239,26 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         }
         batch = Some((n, one, many));
     }
+    // MTP speculative decoding against the same generate loop without it, side by side, from a
+    // text prompt when the model has a tokenizer (draft acceptance depends on real text).
+    let mut spec = None;
+    if !a.no_spec && a.draft_tokens > 0 && !model.mtp.is_empty() {
+        let text_prompt = fathom_core::TextTokenizer::from_dir(&dir)
+            .ok()
+            .and_then(|t| t.encode(SPEC_PROMPT, true).ok())
+            .filter(|ids| !ids.is_empty() && ids.len() + a.gen_tokens < max)
+            .unwrap_or_else(|| prompt[..prompt.len().min(16)].to_vec());
+        let (mut plain, mut fast, mut stats) = (0f64, 0f64, None);
+        for _ in 0..a.repeat.max(1) {
+            plain = plain.max(timed_generate(&model, &text_prompt, a.gen_tokens, 0)?.0);
+            let (tok_s, s) = timed_generate(&model, &text_prompt, a.gen_tokens, a.draft_tokens)?;
+            if tok_s > fast {
+                fast = tok_s;
+                stats = s;
+            }
+        }
+        spec = stats.map(|s| (plain, fast, s));
+    }
     let threads = candle_core::utils::get_num_threads();
     let (total, active) = model.param_counts();
     let weight_bytes = model.weight_bytes_per_token();
@@ -242,6 +291,12 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "batch1_packed_decode_tok_s": batch.map(|b| b.1),
         "batch_decode_tok_s": batch.map(|b| b.2),
         "batch_speedup": batch.map(|b| b.2 / b.1),
+        "draft_tokens": spec.as_ref().map(|_| a.draft_tokens),
+        "generate_tok_s": spec.as_ref().map(|s| s.0),
+        "spec_decode_tok_s": spec.as_ref().map(|s| s.1),
+        "spec_speedup": spec.as_ref().map(|s| s.1 / s.0),
+        "mtp_acceptance": spec.as_ref().map(|s| s.2.acceptance()),
+        "mtp_tokens_per_step": spec.as_ref().map(|s| s.2.tokens_per_step()),
     });
     if a.json || a.format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -276,6 +331,14 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
             bandwidth,
             100.0 * best_tg / roofline
         );
+        if let Some((plain, fast, stats)) = &spec {
+            println!(
+                "mtp     {fast:>10.1} tok/s greedy with {} drafts per step vs {plain:.1} without ({:.2}×); {}",
+                a.draft_tokens,
+                fast / plain,
+                stats.summary()
+            );
+        }
         if let Some((n, one, many)) = batch {
             println!(
                 "batch{n:<4} {many:>10.1} tok/s aggregate through the packed forward ({:.2}× its {one:.1} tok/s at one sequence)",

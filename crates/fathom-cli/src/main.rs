@@ -136,12 +136,14 @@ struct SamplingArgs {
     /// Stop when this string appears (repeatable); it is not included in the output.
     #[arg(long)]
     stop: Vec<String>,
-    /// Decode without MTP speculative decoding (on by default for models with MTP modules).
+    /// MTP speculative decoding: tokens the MTP module drafts per step (models with MTP modules;
+    /// 0 = off, the default: on this CPU engine verifying drafts of an MoE model costs more than
+    /// it saves — see docs/speculative.md).
+    #[arg(long, default_value_t = 0)]
+    draft_tokens: usize,
+    /// Never decode speculatively, whatever `--draft-tokens` says.
     #[arg(long)]
     no_spec: bool,
-    /// Tokens the MTP module drafts per step (speculative decoding; 0 = off).
-    #[arg(long, default_value_t = fathom_engine::DEFAULT_DRAFT_TOKENS)]
-    draft_tokens: usize,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,

@@ -192,7 +192,8 @@ pub struct GenerateOptions<'a> {
     pub draft_tokens: usize,
 }
 
-/// Draft tokens per step by default where the model has an MTP module.
+/// Draft tokens per step `fathom bench` measures speculation with (generation leaves it off unless
+/// asked: on this CPU engine the default MoE model verifies drafts at a loss, docs/speculative.md).
 pub const DEFAULT_DRAFT_TOKENS: usize = 2;
 
 /// The output side of decoding: every token goes through `emit`, which applies eos, stop

@@ -102,7 +102,7 @@ pub fn evaluate(
             stop: &no_stop,
             ignore_eos: false,
             eos_ids: &tok.eos_ids,
-            draft_tokens: fathom_engine::DEFAULT_DRAFT_TOKENS,
+            draft_tokens: 0,
         };
         generate(model, Some(tok), prompt, &o, &mut |_| {})
     };
