@@ -100,13 +100,7 @@ impl Sampler {
     /// the kept set, summing to 1. Speculative decoding compares the target's and the draft's.
     pub fn distribution(&self, logits: &[f32], history: &[u32], output_start: usize) -> Vec<f64> {
         let l = self.penalised(logits, history, output_start);
-        let t = self.params.temperature.max(f64::MIN_POSITIVE);
-        let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut probs: Vec<(usize, f64)> = l
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i, ((x - max) / t).exp()))
-            .collect();
+        let mut probs = tempered(&l, self.params.temperature.max(f64::MIN_POSITIVE));
         let n = probs.len();
         let (top_p, min_p) = (self.params.top_p, self.params.min_p);
         if let Some(k) = self.params.top_k {
@@ -190,13 +184,7 @@ impl Sampler {
     }
 
     fn sample_penalised(&mut self, l: Vec<f64>) -> u32 {
-        let t = self.params.temperature;
-        let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut probs: Vec<(usize, f64)> = l
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i, ((x - max) / t).exp()))
-            .collect();
+        let mut probs = tempered(&l, self.params.temperature);
         // Candidates are walked most likely first (ties by lower id). Only the prefix the filters
         // and the draw reach is sorted: the top m by selection, m growing ×4 — a full sort of a
         // 100k-entry vocabulary per token would cost more than a small model's forward.
@@ -242,6 +230,15 @@ impl Sampler {
             m = (m * 4).min(probs.len());
         }
     }
+}
+
+/// (token, e^{(l − max)/T}) for every token: unnormalised tempered probabilities.
+fn tempered(l: &[f64], t: f64) -> Vec<(usize, f64)> {
+    let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    l.iter()
+        .enumerate()
+        .map(|(i, &x)| (i, ((x - max) / t).exp()))
+        .collect()
 }
 
 /// Most likely first, ties by lower id.
