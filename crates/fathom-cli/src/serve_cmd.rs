@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// Do not keep shared prompt prefixes' KV.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// MTP speculative decoding: tokens each sequence's MTP module drafts per step (0 = off, the
+    /// default; models with MTP modules only; sequences that start from a prefix-cache hit decode
+    /// plainly). Lossless, but not faster for the default MoE model on CPU (docs/speculative.md).
+    #[arg(long, default_value_t = 0)]
+    draft_tokens: usize,
     /// max_tokens for requests that give none (capped by the context left).
     #[arg(long, default_value_t = 4096)]
     default_max_tokens: usize,
@@ -79,6 +84,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             max_queue: a.max_queue,
             prefix_cache: !a.no_prefix_cache,
             block_size: 16,
+            draft_tokens: a.draft_tokens,
         },
     )?;
     let state = AppState::new(

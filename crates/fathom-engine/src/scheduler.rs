@@ -13,9 +13,10 @@
 use crate::generate::{FinishReason, TextStream};
 use crate::prefix_cache::PrefixCache;
 use crate::sampler::{token_logprobs, Sampler, SamplingParams};
+use crate::speculative::{pick_draft, verify, Draft, Drafter};
 use candle_core::Tensor;
 use fathom_core::TextTokenizer;
-use fathom_model::{CausalLm, KvCache, Segment};
+use fathom_model::{packed_attention, CausalLm, KvCache, Segment};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -35,6 +36,9 @@ pub struct SchedulerConfig {
     pub prefix_cache: bool,
     /// Tokens per prefix-cache block.
     pub block_size: usize,
+    /// MTP speculative decoding: drafts per step for each sequence (0 = off; models without MTP
+    /// modules and sequences that started from a prefix-cache hit decode plainly).
+    pub draft_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -46,6 +50,7 @@ impl Default for SchedulerConfig {
             max_queue: 256,
             prefix_cache: true,
             block_size: 16,
+            draft_tokens: 0,
         }
     }
 }
@@ -116,6 +121,9 @@ pub struct EngineMetrics {
     pub running: AtomicUsize,
     pub kv_reserved_bytes: AtomicUsize,
     pub prefix_cache_bytes: AtomicUsize,
+    /// Speculative decoding: drafts offered and accepted.
+    pub draft_tokens: AtomicU64,
+    pub accepted_draft_tokens: AtomicU64,
 }
 
 struct Submission {
@@ -235,6 +243,17 @@ struct Sequence<'t> {
     stream: TextStream<'t>,
     reserved: usize,
     generated: usize,
+    spec: Option<SpecState>,
+}
+
+/// A sequence's speculative-decoding state: the MTP drafter, the verified rows it has not seen
+/// (hidden states from `offset` on, and the token after each as far as known), this step's drafts.
+struct SpecState {
+    drafter: Drafter,
+    hidden: Vec<Tensor>,
+    next: Vec<u32>,
+    offset: usize,
+    drafts: Vec<Draft>,
 }
 
 impl Sequence<'_> {
@@ -380,7 +399,19 @@ impl<'m> Loop<'m> {
                 cached_tokens: cached,
             });
             self.reserved += need;
+            // Rows from the prefix cache have no hidden states for the MTP module to start from.
+            let spec = (self.cfg.draft_tokens > 0 && cached == 0)
+                .then(|| Drafter::new(self.model))
+                .flatten()
+                .map(|drafter| SpecState {
+                    drafter,
+                    hidden: vec![],
+                    next: vec![],
+                    offset: 0,
+                    drafts: vec![],
+                });
             self.running.push(Sequence {
+                spec,
                 sampler: Sampler::new(sub.req.params.clone()),
                 stream: TextStream::new(self.tok, &sub.req.stop),
                 tokens: sub.req.prompt.clone(),
@@ -399,15 +430,18 @@ impl<'m> Loop<'m> {
         let mut ids = vec![];
         let mut segments = vec![];
         let mut rows = vec![];
-        let mut members = vec![]; // index into running, and whether its last row is sampled
-                                  // Decoding sequences first (one row each), then prompt chunks under the budget.
+        // (index into running, rows fed, rows whose logits are read)
+        let mut members = vec![];
+        // Decoding sequences first (one row each, or the last token and its drafts), then prompt
+        // chunks under the budget.
         let mut budget = self.cfg.prefill_chunk.max(1);
         let order: Vec<usize> = (0..self.running.len())
             .filter(|&i| !self.running[i].prefilling())
             .chain((0..self.running.len()).filter(|&i| self.running[i].prefilling()))
             .collect();
+        let context = self.model.rope.max_positions();
         for i in order {
-            let s = &self.running[i];
+            let s = &mut self.running[i];
             let n = if s.prefilling() {
                 if budget == 0 {
                     continue;
@@ -416,22 +450,30 @@ impl<'m> Loop<'m> {
                 budget -= n;
                 n
             } else {
-                1
+                1 + Self::draft(self.model, s, self.cfg.draft_tokens, context)?
             };
             segments.push(Segment {
                 start: ids.len(),
                 len: n,
                 offset: s.fed,
             });
-            ids.extend_from_slice(&s.tokens[s.fed..s.fed + n]);
-            let samples = s.fed + n >= s.req.prompt.len();
-            if samples {
-                rows.push(ids.len() as u32 - 1);
+            ids.extend_from_slice(&s.tokens[s.fed..s.fed + 1.min(n)]);
+            if let Some(st) = &s.spec {
+                ids.extend(st.drafts.iter().map(|d| d.token));
             }
-            members.push((i, n, samples));
+            if s.prefilling() {
+                ids.extend_from_slice(&s.tokens[s.fed + 1..s.fed + n]);
+            }
+            let read = if s.prefilling() {
+                usize::from(s.fed + n >= s.req.prompt.len())
+            } else {
+                n
+            };
+            rows.extend((ids.len() - read..ids.len()).map(|r| r as u32));
+            members.push((i, n, read));
         }
         // Disjoint &mut caches in the batch's order.
-        let logits = {
+        let hidden = {
             let mut slots: Vec<Option<&mut KvCache>> = self
                 .running
                 .iter_mut()
@@ -442,33 +484,96 @@ impl<'m> Loop<'m> {
                 .map(|&(i, _, _)| slots[i].take().expect("each sequence once"))
                 .collect();
             self.model
-                .forward_packed(&ids, &segments, &mut caches, &rows)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2::<f32>()?
+                .forward_packed_hidden(&ids, &segments, &mut caches)?
         };
+        let logits = self
+            .model
+            .logits(&hidden.index_select(&Tensor::new(rows.as_slice(), &self.model.device)?, 0)?)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         let mut finished = vec![];
         let mut row = 0;
-        for &(i, n, samples) in &members {
+        let mut generated = 0;
+        for (&(i, n, read), seg) in members.iter().zip(&segments) {
             let s = &mut self.running[i];
             let was_prefilling = s.prefilling();
-            s.fed += n;
-            if was_prefilling && !s.prefilling() && self.cfg.prefix_cache {
-                // The prompt's blocks are complete: share them with requests arriving meanwhile.
-                let _ = self.prefix.insert(&s.req.prompt, &s.cache);
-            }
-            if !samples {
+            let rows_logits = &logits[row..row + read];
+            row += read;
+            if was_prefilling {
+                s.fed += n;
+                if let Some(st) = &mut s.spec {
+                    // Prompt rows wait for the drafter with the token after each, where known.
+                    st.hidden.push(hidden.narrow(0, seg.start, n)?);
+                    let end = (seg.offset + n + 1).min(s.req.prompt.len());
+                    st.next
+                        .extend_from_slice(&s.req.prompt[seg.offset + 1..end]);
+                }
+                if !s.prefilling() && self.cfg.prefix_cache {
+                    // The prompt's blocks are complete: share them with requests arriving meanwhile.
+                    let _ = self.prefix.insert(&s.req.prompt, &s.cache);
+                }
+                if read == 0 {
+                    continue;
+                }
+                generated += 1;
+                if let Some(reason) = Self::sample_one(s, &rows_logits[0], context)? {
+                    finished.push((i, reason));
+                }
                 continue;
             }
-            let l = &logits[row];
-            row += 1;
-            if let Some(reason) = Self::sample_one(s, l, self.model.rope.max_positions())? {
-                finished.push((i, reason));
+            let drafts = s
+                .spec
+                .as_mut()
+                .map(|st| std::mem::take(&mut st.drafts))
+                .unwrap_or_default();
+            if drafts.is_empty() {
+                s.fed += 1;
+                generated += 1;
+                if let Some(reason) = Self::sample_one(s, &rows_logits[0], context)? {
+                    finished.push((i, reason));
+                }
+                continue;
+            }
+            // Speculative: the target's verdict on the drafts, then every accepted token and
+            // the correction go out through the same path as sampled ones.
+            let verdict = verify(
+                &mut s.sampler,
+                rows_logits,
+                &drafts,
+                &s.tokens,
+                s.req.prompt.len(),
+            );
+            self.metrics
+                .draft_tokens
+                .fetch_add(drafts.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .accepted_draft_tokens
+                .fetch_add(verdict.accepted as u64, Ordering::Relaxed);
+            let pos = s.fed;
+            s.fed += 1 + verdict.accepted;
+            s.cache.truncate(s.fed)?;
+            if let Some(st) = &mut s.spec {
+                st.hidden = vec![hidden.narrow(0, seg.start, 1 + verdict.accepted)?];
+                st.next = drafts[..verdict.accepted].iter().map(|d| d.token).collect();
+                st.offset = pos;
+            }
+            let out: Vec<u32> = drafts[..verdict.accepted]
+                .iter()
+                .map(|d| d.token)
+                .chain([verdict.next])
+                .collect();
+            for (j, &t) in out.iter().enumerate() {
+                generated += 1;
+                if let Some(reason) = Self::take_token(s, t, &rows_logits[j], context)? {
+                    finished.push((i, reason));
+                    break;
+                }
             }
         }
         self.metrics
             .generated_tokens
-            .fetch_add(row as u64, Ordering::Relaxed);
+            .fetch_add(generated as u64, Ordering::Relaxed);
         // Remove finished sequences, highest index first so the others keep their places.
         finished.sort_by(|a, b| b.0.cmp(&a.0));
         for (i, reason) in finished {
@@ -485,14 +590,56 @@ impl<'m> Loop<'m> {
         Ok(())
     }
 
-    /// Sample the next token of `s`; returns why it ends, if it does.
+    /// Draft this step's tokens for a decoding sequence with speculation on (kept in its state);
+    /// returns how many. Positions stay inside the sequence's reservation and the context.
+    fn draft(
+        model: &CausalLm,
+        s: &mut Sequence,
+        draft_tokens: usize,
+        context: usize,
+    ) -> candle_core::Result<usize> {
+        let Some(st) = &mut s.spec else {
+            return Ok(0);
+        };
+        let pos = s.fed; // where the last sampled token goes
+        let room = (context - 1 - pos)
+            .min(s.req.max_tokens.saturating_sub(s.generated + 1))
+            .min(packed_attention::MAX_PACKED_ROWS - 1);
+        let k = draft_tokens.min(room);
+        if k == 0 {
+            // The end is near: decode plainly; the drafter is not needed any more.
+            s.spec = None;
+            return Ok(0);
+        }
+        st.next.push(s.tokens[pos]);
+        let hidden = Tensor::cat(&st.hidden, 0)?;
+        let mut pick = pick_draft(&mut s.sampler, &s.tokens, s.req.prompt.len());
+        st.drafts = st
+            .drafter
+            .draft(model, &hidden, &st.next, st.offset, k, &mut pick)?;
+        st.hidden.clear();
+        st.next.clear();
+        Ok(st.drafts.len())
+    }
+
+    /// Sample the next token of `s` and take it; returns why it ends, if it does.
     fn sample_one(
         s: &mut Sequence,
         logits: &[f32],
         context: usize,
     ) -> candle_core::Result<Option<FinishReason>> {
-        let prompt_len = s.req.prompt.len();
-        let next = s.sampler.sample(logits, &s.tokens, prompt_len);
+        let next = s.sampler.sample(logits, &s.tokens, s.req.prompt.len());
+        Self::take_token(s, next, logits, context)
+    }
+
+    /// Append a chosen token (its logits for logprobs), stream it; returns why it ends, if it
+    /// does.
+    fn take_token(
+        s: &mut Sequence,
+        next: u32,
+        logits: &[f32],
+        context: usize,
+    ) -> candle_core::Result<Option<FinishReason>> {
         if !s.req.ignore_eos && s.req.eos_ids.contains(&next) {
             return Ok(Some(FinishReason::Eos));
         }

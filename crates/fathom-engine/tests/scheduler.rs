@@ -98,6 +98,10 @@ fn prompts(v: u32) -> Vec<Vec<u32>> {
 }
 
 fn batched_equals_alone(name: &str) {
+    batched_equals_alone_with(name, 0);
+}
+
+fn batched_equals_alone_with(name: &str, draft_tokens: usize) {
     let (model, tok) = load(name);
     let engine = Engine::start(
         model.clone(),
@@ -105,6 +109,9 @@ fn batched_equals_alone(name: &str) {
         SchedulerConfig {
             max_seqs: 4,
             prefill_chunk: 5,
+            draft_tokens,
+            // Prefix hits turn speculation off for a sequence; keep every sequence speculating.
+            prefix_cache: draft_tokens == 0,
             ..Default::default()
         },
     )
@@ -123,11 +130,27 @@ fn batched_equals_alone(name: &str) {
         assert_eq!(got.text, tok.decode(&want, false).unwrap());
     }
     assert!(engine.metrics.steps.load(Ordering::Relaxed) > 0);
+    if draft_tokens > 0 {
+        let offered = engine.metrics.draft_tokens.load(Ordering::Relaxed);
+        let accepted = engine.metrics.accepted_draft_tokens.load(Ordering::Relaxed);
+        assert!(
+            offered > 0 && accepted <= offered,
+            "{offered} drafts, {accepted} accepted"
+        );
+    }
 }
 
 #[test]
 fn batched_greedy_equals_alone_deepseek_v3() {
     batched_equals_alone("deepseek_v3_tiny");
+}
+
+/// MTP speculation inside continuous batching (drafts verified as short segments beside other
+/// sequences' prefill chunks and decode rows, caches rolled back per sequence): the same tokens.
+#[test]
+fn speculative_batched_greedy_equals_alone_deepseek_v3() {
+    batched_equals_alone_with("deepseek_v3_tiny", 2);
+    batched_equals_alone_with("deepseek_v3_tiny", 3);
 }
 
 #[test]

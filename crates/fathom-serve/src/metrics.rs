@@ -115,6 +115,18 @@ pub fn render(engine: &EngineMetrics, server: &ServerMetrics) -> String {
         "Batched forward passes.",
         c(&engine.steps),
     );
+    line(
+        "fathom_spec_draft_tokens_total",
+        "counter",
+        "MTP speculative decoding: tokens drafted.",
+        c(&engine.draft_tokens),
+    );
+    line(
+        "fathom_spec_accepted_tokens_total",
+        "counter",
+        "MTP speculative decoding: drafted tokens the model accepted (acceptance = accepted / drafted).",
+        c(&engine.accepted_draft_tokens),
+    );
     let g = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
     line(
         "fathom_requests_waiting",
