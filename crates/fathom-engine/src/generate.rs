@@ -342,7 +342,6 @@ pub fn generate(
             );
             let stats = spec.as_mut().expect("drafting implies stats");
             stats.record(drafts.len(), verdict.accepted);
-            stats.tokens += verdict.accepted as u64 + 1;
             // Keep the verified rows (next and the accepted drafts); drop the rejected ones.
             cache.truncate(pos + verdict.accepted + 1)?;
             pending_hidden = h.narrow(0, 0, verdict.accepted + 1)?;

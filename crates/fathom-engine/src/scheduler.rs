@@ -457,16 +457,17 @@ impl<'m> Loop<'m> {
                 len: n,
                 offset: s.fed,
             });
-            ids.extend_from_slice(&s.tokens[s.fed..s.fed + 1.min(n)]);
-            if let Some(st) = &s.spec {
-                ids.extend(st.drafts.iter().map(|d| d.token));
-            }
-            if s.prefilling() {
-                ids.extend_from_slice(&s.tokens[s.fed + 1..s.fed + n]);
-            }
+            // A prompt chunk, or the last sampled token and this step's drafts (every row read).
             let read = if s.prefilling() {
+                ids.extend_from_slice(&s.tokens[s.fed..s.fed + n]);
                 usize::from(s.fed + n >= s.req.prompt.len())
             } else {
+                ids.push(s.tokens[s.fed]);
+                ids.extend(
+                    s.spec
+                        .iter()
+                        .flat_map(|st| st.drafts.iter().map(|d| d.token)),
+                );
                 n
             };
             rows.extend((ids.len() - read..ids.len()).map(|r| r as u32));

@@ -27,10 +27,9 @@ use fathom_model::{CausalLm, KvCache};
 pub struct SpecStats {
     pub offered: Vec<u64>,
     pub accepted: Vec<u64>,
-    /// Verification steps (main-model forwards after the prompt).
+    /// Verification steps (main-model forwards after the prompt); each emits its accepted drafts
+    /// plus one token of the target's own.
     pub steps: u64,
-    /// Tokens emitted by those steps.
-    pub tokens: u64,
 }
 
 impl SpecStats {
@@ -43,12 +42,12 @@ impl SpecStats {
             .collect()
     }
 
-    /// Mean tokens per main-model forward.
+    /// Mean tokens per main-model forward: (steps + accepted drafts) / steps.
     pub fn tokens_per_step(&self) -> f64 {
         if self.steps == 0 {
             0.0
         } else {
-            self.tokens as f64 / self.steps as f64
+            (self.steps + self.accepted.iter().sum::<u64>()) as f64 / self.steps as f64
         }
     }
 
@@ -64,19 +63,6 @@ impl SpecStats {
             }
         }
         self.steps += 1;
-    }
-
-    pub fn merge(&mut self, other: &SpecStats) {
-        if self.offered.len() < other.offered.len() {
-            self.offered.resize(other.offered.len(), 0);
-            self.accepted.resize(other.offered.len(), 0);
-        }
-        for i in 0..other.offered.len() {
-            self.offered[i] += other.offered[i];
-            self.accepted[i] += other.accepted[i];
-        }
-        self.steps += other.steps;
-        self.tokens += other.tokens;
     }
 
     /// "pos1 87%, pos2 61%; 1.9 tokens/step".
@@ -160,28 +146,19 @@ impl Drafter {
             let last = h.narrow(1, rows - 1, 1)?;
             let logits: Vec<f32> = model.logits(&last)?.flatten_all()?.to_vec1()?;
             let d = pick(&logits, &tokens);
-            tokens.push(d.token);
+            let token = d.token;
+            tokens.push(token);
             drafts.push(d);
             pos += rows;
             if pos + 1 >= model.rope.max_positions() {
                 break;
             }
             prev = last;
-            next = model.embed(&Tensor::new(&[d_token(&tokens)], &model.device)?.unsqueeze(0)?)?;
+            next = model.embed(&Tensor::new(&[token], &model.device)?.unsqueeze(0)?)?;
         }
         self.cache.truncate(self.valid)?;
         Ok(drafts)
     }
-
-    /// Forget MTP rows at positions ≥ n (the sequence was rolled back).
-    pub fn truncate(&mut self, n: usize) -> Result<()> {
-        self.valid = self.valid.min(n);
-        self.cache.truncate(self.valid)
-    }
-}
-
-fn d_token(tokens: &[u32]) -> u32 {
-    *tokens.last().expect("a draft was just pushed")
 }
 
 /// The target's verdict on one step's drafts.
