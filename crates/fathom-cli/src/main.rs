@@ -2,12 +2,13 @@
 //!
 //! Subcommands: `generate` (stream a completion), `chat` (multi-turn REPL), `forward` (dump logits),
 //! `inspect` (architecture, parameter counts, KV bytes per token), `bench`, `quantize` (→ GGUF),
-//! `train` (pretraining),
-//! `tokenizer train`, `plot` (training curves). Without `--model`, the embedded default model at
+//! `train` (pretraining), `tasks` (SFT data from task generators), `sft`, `grpo`, `distill`
+//! (post-training), `tokenizer train`, `plot` (training curves). Without `--model`, the embedded default model at
 //! `models/default/` is used. `--model` takes a Hugging Face directory, a GGUF file (llama.cpp's
 //! `deepseek2`/`qwen2`/`llama`) or a directory `fathom quantize` wrote.
 
 mod bench;
+mod posttrain_cmds;
 mod serve_cmd;
 mod train_cmds;
 
@@ -80,6 +81,14 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Pretrain a DeepSeek-V3-architecture model (MLA, DeepSeekMoE, MTP) from a TOML config.
     Train(train_cmds::TrainArgs),
+    /// Write SFT conversations or {"prompt", "answer"} lines from the task generators.
+    Tasks(posttrain_cmds::TasksArgs),
+    /// Supervised fine-tuning on chat conversations (loss on the final assistant turn, packing).
+    Sft(posttrain_cmds::SftArgs),
+    /// GRPO with rule-based rewards (accuracy + format) on a task, rollouts through the engine.
+    Grpo(posttrain_cmds::GrpoArgs),
+    /// Distil a teacher into a student: reward-filtered reasoning traces, or logit matching.
+    Distill(posttrain_cmds::DistillArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(train_cmds::TokenizerCmd),
@@ -676,7 +685,11 @@ fn human(n: usize) -> String {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Command::Train(_)) && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+    let trains = matches!(
+        cli.cmd,
+        Command::Train(_) | Command::Sft(_) | Command::Grpo(_) | Command::Distill(_)
+    );
+    if trains && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Training parallelises over batch shards, one per core; candle's intra-op pool on top
         // would oversubscribe (tools/bench/train_speed.py). Set before candle's pools start.
         std::env::set_var("RAYON_NUM_THREADS", "1");
@@ -708,6 +721,14 @@ fn main() {
         Command::Serve(a) => serve_cmd::cmd_serve(a),
         Command::Train(a) => train_cmds::cmd_train(a),
         Command::Tokenizer(c) => train_cmds::cmd_tokenizer(c),
+        Command::Tasks(a) => posttrain_cmds::cmd_tasks(a),
+        Command::Sft(a) => {
+            resolve_model(&a.model_arg()).and_then(|d| posttrain_cmds::cmd_sft(a, d))
+        }
+        Command::Grpo(a) => {
+            resolve_model(&a.model_arg()).and_then(|d| posttrain_cmds::cmd_grpo(a, d))
+        }
+        Command::Distill(a) => posttrain_cmds::cmd_distill(a),
         Command::Plot { run_dir, out } => train_cmds::cmd_plot(run_dir, out),
     };
     if let Err(e) = r {

@@ -358,6 +358,11 @@ impl TextTokenizer {
             })
     }
 
+    /// Every token (added ones included) and its id.
+    pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

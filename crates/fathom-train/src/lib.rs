@@ -15,6 +15,10 @@
 //! - [`distill`]: logit distillation losses (forward KL with temperature, generalised JSD).
 //! - [`evaluate`]: held-out accuracy, format rate and pass@k through the inference engine.
 //! - [`grpo`]: group-normalised advantages and the clipped GRPO objective with k3 KL.
+//! - [`posttrain`]: what SFT, GRPO and distillation share (run dir, resume, AdamW, metrics).
+//! - [`sft`]: `fathom sft` and logit distillation: masked loss on assistant tokens, packing.
+//! - [`grpo_train`]: `fathom grpo`: rollouts through the engine, rewards, μ inner steps, eval.
+//! - [`traces`]: SFT data from tasks: reference answers and reward-filtered teacher traces.
 
 pub mod arithmetic;
 pub mod balance;
@@ -25,16 +29,20 @@ pub mod distill;
 pub mod error;
 pub mod evaluate;
 pub mod grpo;
+pub mod grpo_train;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod posttrain;
 pub mod pretrain;
 pub mod rewards;
+pub mod sft;
 pub mod sft_data;
 pub mod tasks;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer_train;
+pub mod traces;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};

@@ -45,7 +45,7 @@ impl MetricsLog {
         MetricsLog { path }
     }
 
-    pub fn append(&self, rec: &StepRecord) -> Result<()> {
+    pub fn append<T: Serialize>(&self, rec: &T) -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -59,9 +59,9 @@ impl MetricsLog {
         if !self.path.exists() {
             return Ok(());
         }
-        let keep: Vec<StepRecord> = read_metrics(&self.path)?
+        let keep: Vec<serde_json::Value> = read_records(&self.path)?
             .into_iter()
-            .filter(|r| r.step <= step)
+            .filter(|r: &serde_json::Value| r["step"].as_u64().is_some_and(|s| s as usize <= step))
             .collect();
         let mut text = String::new();
         for r in keep {
@@ -75,6 +75,12 @@ impl MetricsLog {
 }
 
 pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>> {
+    read_records(path)
+}
+
+/// Every record of a metrics JSONL file, of any record type (`StepRecord`, or the post-training
+/// commands' flat `{"step": …, name: value}` objects).
+pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     text.lines()
         .enumerate()
@@ -246,6 +252,37 @@ pub fn plot_metrics(records: &[StepRecord], out: &Path) -> Result<()> {
     )
     .map_err(fail)?;
     panel(&areas[3], "MaxVio per MoE layer", &vio, false).map_err(fail)?;
+    root.present().map_err(|x| fail(x.to_string()))?;
+    Ok(())
+}
+
+/// Render flat `{"step": N, key: value, …}` records (the post-training commands' metrics) as a grid
+/// of panels, each `(title, keys)` one chart with a line per key (points where the key is present).
+pub fn plot_panels(
+    records: &[serde_json::Value],
+    panels: &[(&str, &[&str])],
+    out: &Path,
+) -> Result<()> {
+    register_font();
+    let fail = |m: String| TrainError::Other(format!("{}: {m}", out.display()));
+    let cols = 2;
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root = BitMapBackend::new(out, (1400, 500 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| fail(x.to_string()))?;
+    let areas = root.split_evenly((rows, cols));
+    for ((title, keys), area) in panels.iter().zip(&areas) {
+        let series: Vec<Series> = keys
+            .iter()
+            .map(|k| {
+                let pts = records
+                    .iter()
+                    .filter_map(|r| Some((r["step"].as_f64()?, r.get(*k)?.as_f64()?)))
+                    .collect();
+                (k.to_string(), pts)
+            })
+            .collect();
+        panel(area, title, &series, false).map_err(fail)?;
+    }
     root.present().map_err(|x| fail(x.to_string()))?;
     Ok(())
 }
