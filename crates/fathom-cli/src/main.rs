@@ -182,7 +182,8 @@ impl SamplingArgs {
 struct EvalArgs {
     #[arg(long)]
     model: Option<PathBuf>,
-    /// arithmetic, countdown, or a JSONL file of {"prompt", "answer"} lines.
+    /// arithmetic (operands up to 4 digits; arithmetic:N for up to N), countdown, or a JSONL file
+    /// of {"prompt", "answer"} lines.
     #[arg(long, default_value = "arithmetic")]
     task: String,
     /// Problems to evaluate.
@@ -196,6 +197,12 @@ struct EvalArgs {
     /// Sampling temperature of the pass@k samples.
     #[arg(long, default_value_t = 0.6)]
     temperature: f64,
+    /// System prompt: none (R1's recommendation), r1-zero (R1-Zero's instruction) or the text.
+    #[arg(long, default_value = "none")]
+    system: String,
+    /// Worker threads (problems in parallel, candle single-threaded in each); 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     #[arg(long, value_parser = parse_quant)]
@@ -335,9 +342,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         k: a.k,
         temperature: a.temperature,
         seed: a.seed,
+        system: fathom_train::evaluate::system_prompt(&a.system),
     };
-    let r = evaluate(&l.model, tok, &problems, &opts, |done, _| {
-        bar.set_position(done as u64)
+    let threads = fathom_train::posttrain::worker_threads(a.threads);
+    let r = evaluate(&l.model, tok, &problems, &opts, threads, &|n| {
+        bar.inc(n as u64)
     })?;
     bar.finish_and_clear();
     if a.format == Format::Json {
@@ -413,6 +422,86 @@ fn run_generation(
     s: &SamplingArgs,
     stream: bool,
 ) -> Result<Generation> {
+    let mut stdout = std::io::stdout();
+    let mut on_text = |t: &str| {
+        if stream {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    };
+    run_generation_with(l, prompt, s, &mut on_text)
+}
+
+/// How `chat` shows a reply: R1's reasoning (between `<think>` and `</think>`, the opening tag
+/// often pre-filled by the template) set apart from the answer — dimmed after a "thinking" label
+/// on a terminal, under `[reasoning]` / `[answer]` labels otherwise.
+struct ReplyPrinter {
+    splitter: fathom_serve::reasoning::ReasoningSplitter,
+    ansi: bool,
+    /// 0: nothing shown yet, 1: inside reasoning, 2: inside the answer.
+    section: u8,
+}
+
+impl ReplyPrinter {
+    fn new(prefilled: bool) -> Self {
+        ReplyPrinter {
+            splitter: fathom_serve::reasoning::ReasoningSplitter::new(prefilled),
+            ansi: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            section: 0,
+        }
+    }
+
+    fn show(&mut self, reasoning: &str, answer: &str) {
+        let mut out = String::new();
+        if !reasoning.is_empty() {
+            if self.section == 0 {
+                out.push_str(if self.ansi {
+                    "\x1b[2mthinking: "
+                } else {
+                    "[reasoning]\n"
+                });
+                self.section = 1;
+            }
+            out.push_str(reasoning);
+        }
+        if !answer.is_empty() {
+            if self.section < 2 {
+                if self.section == 1 {
+                    out.push_str(if self.ansi { "\x1b[0m\n" } else { "\n" });
+                }
+                if !self.ansi && self.section == 1 {
+                    out.push_str("[answer]\n");
+                }
+                self.section = 2;
+            }
+            out.push_str(answer);
+        }
+        let mut stdout = std::io::stdout();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
+    }
+
+    fn push(&mut self, text: &str) {
+        let (r, a) = self.splitter.push(text);
+        self.show(&r, &a);
+    }
+
+    fn finish(&mut self) {
+        let (r, a) = self.splitter.finish();
+        self.show(&r, &a);
+        if self.ansi && self.section == 1 {
+            print!("\x1b[0m");
+        }
+        println!();
+    }
+}
+
+fn run_generation_with(
+    l: &Loaded,
+    prompt: &[u32],
+    s: &SamplingArgs,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
     let eos = eos_ids(l);
     let opts = GenerateOptions {
         params: s.params(),
@@ -422,14 +511,7 @@ fn run_generation(
         eos_ids: &eos,
         draft_tokens: if s.no_spec { 0 } else { s.draft_tokens },
     };
-    let mut stdout = std::io::stdout();
-    let mut on_text = |t: &str| {
-        if stream {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
-        }
-    };
-    let g = generate(&l.model, l.tok.as_ref(), prompt, &opts, &mut on_text)?;
+    let g = generate(&l.model, l.tok.as_ref(), prompt, &opts, on_text)?;
     if s.verbose {
         let n = g.token_ids.len().max(1);
         eprintln!(
@@ -543,13 +625,17 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         history.push(json!({"role": "user", "content": line}));
-        let (_, ids) = tok.apply_chat_template(&json!(history), None, true)?;
-        let g = run_generation(&l, &ids, &a.sampling, stream)?;
-        if stream {
-            println!();
+        let (text, ids) = tok.apply_chat_template(&json!(history), None, true)?;
+        let g = if stream {
+            let mut printer = ReplyPrinter::new(text.trim_end().ends_with("<think>"));
+            let g = run_generation_with(&l, &ids, &a.sampling, &mut |t| printer.push(t))?;
+            printer.finish();
+            g
         } else {
+            let g = run_generation(&l, &ids, &a.sampling, false)?;
             print_json(&g);
-        }
+            g
+        };
         history.push(json!({"role": "assistant", "content": g.text}));
     }
     Ok(())
@@ -687,7 +773,11 @@ fn main() {
     let cli = Cli::parse();
     let trains = matches!(
         cli.cmd,
-        Command::Train(_) | Command::Sft(_) | Command::Grpo(_) | Command::Distill(_)
+        Command::Train(_)
+            | Command::Sft(_)
+            | Command::Grpo(_)
+            | Command::Distill(_)
+            | Command::Eval(_)
     );
     if trains && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Training parallelises over batch shards, one per core; candle's intra-op pool on top

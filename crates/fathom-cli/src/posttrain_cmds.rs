@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use fathom_train::evaluate::TaskSource;
+use fathom_train::evaluate::{system_prompt, TaskSource};
 use fathom_train::grpo_train::{run_grpo, GrpoConfig, GrpoOptions};
 use fathom_train::posttrain::{worker_threads, OptimConfig};
 use fathom_train::rewards::RewardSet;
@@ -43,6 +43,9 @@ pub struct RunArgs {
     /// Worker threads (data-parallel shards, parallel rollouts); 0 = all cores.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Step checkpoints to keep (the newest).
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -195,6 +198,7 @@ pub fn cmd_sft(a: SftArgs, model: PathBuf) -> Result<()> {
         quiet: false,
         stop_after: a.run.stop_after,
         threads: a.run.threads,
+        keep_checkpoints: a.run.keep_checkpoints,
     })?;
     print_sft_summary(&s, &a.run.out, a.run.json);
     Ok(())
@@ -205,7 +209,8 @@ pub struct GrpoArgs {
     /// The policy to start from (and the frozen reference when --beta > 0).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// arithmetic, countdown, or a JSONL file of {"prompt", "answer"} lines.
+    /// arithmetic (operands up to 4 digits; arithmetic:N for up to N), countdown, or a JSONL file
+    /// of {"prompt", "answer"} lines.
     #[arg(long, default_value = "arithmetic")]
     task: String,
     /// Prompts per rollout batch.
@@ -261,6 +266,9 @@ pub struct GrpoArgs {
     /// MTP speculative decoding in rollouts: drafts per step (0 = off).
     #[arg(long, default_value_t = 0)]
     draft_tokens: usize,
+    /// System prompt of every question: none, r1-zero or the text.
+    #[arg(long, default_value = "none")]
+    system: String,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -312,6 +320,7 @@ pub fn cmd_grpo(a: GrpoArgs, model: PathBuf) -> Result<()> {
         save_every: a.save_every,
         log_every: a.log_every,
         draft_tokens: a.draft_tokens,
+        system: system_prompt(&a.system),
     };
     let s = run_grpo(GrpoOptions {
         config,
@@ -325,6 +334,7 @@ pub fn cmd_grpo(a: GrpoArgs, model: PathBuf) -> Result<()> {
         quiet: false,
         stop_after: a.run.stop_after,
         threads: a.run.threads,
+        keep_checkpoints: a.run.keep_checkpoints,
     })?;
     let evals: Vec<_> = s
         .evals
@@ -404,6 +414,9 @@ pub struct DistillArgs {
     /// Traces: minimum total reward (accuracy + 0.5·format) for a trace to be kept.
     #[arg(long, default_value_t = 1.5)]
     min_reward: f64,
+    /// Traces: system prompt of every question: none, r1-zero or the text.
+    #[arg(long, default_value = "none")]
+    system: String,
     /// Logits: SFT data whose assistant tokens the student learns (default: the traces the
     /// teacher writes for --task, as in traces mode).
     #[arg(long)]
@@ -462,6 +475,7 @@ pub fn cmd_distill(a: DistillArgs) -> Result<()> {
         quiet: false,
         stop_after: a.run.stop_after,
         threads: a.run.threads,
+        keep_checkpoints: a.run.keep_checkpoints,
     })?;
     print_sft_summary(&s, &a.run.out, a.run.json);
     Ok(())
@@ -492,6 +506,7 @@ fn write_teacher_traces(a: &DistillArgs, path: &Path) -> Result<()> {
         a.temperature,
         a.max_tokens,
         a.run.seed,
+        system_prompt(&a.system).as_deref(),
         worker_threads(a.run.threads),
         &progress,
     )?;
@@ -557,6 +572,9 @@ pub struct TasksArgs {
     held_out: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// System prompt of each conversation: none, r1-zero or the text.
+    #[arg(long, default_value = "none")]
+    system: String,
     /// Output JSONL file.
     #[arg(long)]
     out: PathBuf,
@@ -578,6 +596,8 @@ pub fn cmd_tasks(a: TasksArgs) -> Result<()> {
     let problems = source
         .problems(a.n, a.seed, split)
         .map_err(anyhow::Error::msg)?;
+    let system = system_prompt(&a.system);
+    let system = system.as_deref();
     let lines = problems
         .iter()
         .map(|p| {
@@ -586,10 +606,12 @@ pub fn cmd_tasks(a: TasksArgs) -> Result<()> {
                 TaskStyle::Worked => conversation(
                     p,
                     &reference_answer(p, Style::Worked).map_err(anyhow::Error::msg)?,
+                    system,
                 ),
                 TaskStyle::Answer => conversation(
                     p,
                     &reference_answer(p, Style::Answer).map_err(anyhow::Error::msg)?,
+                    system,
                 ),
             })
         })

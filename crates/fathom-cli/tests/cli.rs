@@ -617,3 +617,171 @@ fn serve_answers_and_stops_on_sigterm() {
     assert!(status.success(), "{rest}");
     assert!(rest.contains("stopped"), "{rest}");
 }
+
+/// `tasks` → `sft` → `grpo` → `distill` through the binary on the default model, tiny budgets:
+/// every stage writes a loadable final checkpoint, metrics and a plot; bad options are errors
+/// that say which.
+#[test]
+fn post_training_commands_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    let (ok, _, err) = fathom(&[
+        "tasks",
+        "--task",
+        "arithmetic:2",
+        "--n",
+        "40",
+        "--style",
+        "worked",
+        "--out",
+        &p("sft.jsonl"),
+    ]);
+    assert!(ok, "{err}");
+    let line = std::fs::read_to_string(p("sft.jsonl")).unwrap();
+    assert!(line.lines().count() == 40 && line.contains("</think>\\n<answer>"));
+    let (ok, out, err) = fathom(&[
+        "sft",
+        "--data",
+        &p("sft.jsonl"),
+        "--out",
+        &p("sft"),
+        "--steps",
+        "2",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["steps"], 2);
+    assert!(tmp.path().join("sft/final/model.safetensors").exists());
+    assert!(tmp.path().join("sft/metrics.png").exists());
+    let (ok, out, err) = fathom(&[
+        "grpo",
+        "--model",
+        &p("sft/final"),
+        "--task",
+        "arithmetic:2",
+        "--out",
+        &p("grpo"),
+        "--steps",
+        "1",
+        "--prompts",
+        "2",
+        "--group-size",
+        "2",
+        "--max-tokens",
+        "6",
+        "--eval-n",
+        "2",
+        "--eval-k",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["steps"], 1);
+    assert_eq!(v["evals"].as_array().unwrap().len(), 2, "{v}");
+    // Two steps of SFT do not teach the model to finish an answer, so every trace is cut off and
+    // none is kept: distillation says so instead of training on nothing.
+    let (ok, _, err) = fathom(&[
+        "distill",
+        "--teacher",
+        &p("grpo/final"),
+        "--student",
+        "models/default",
+        "--out",
+        &p("student"),
+        "--problems",
+        "3",
+        "--samples",
+        "1",
+        "--max-tokens",
+        "6",
+        "--steps",
+        "1",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(
+        !ok && err.contains("produced no trace with reward"),
+        "{err}"
+    );
+    // Logit distillation on the SFT data: the V3 teacher's distributions into the student.
+    let (ok, _, err) = fathom(&[
+        "distill",
+        "--teacher",
+        &p("grpo/final"),
+        "--student",
+        "models/default",
+        "--out",
+        &p("kd"),
+        "--mode",
+        "logits",
+        "--data",
+        &p("sft.jsonl"),
+        "--loss",
+        "jsd",
+        "--steps",
+        "2",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(tmp.path().join("kd/final/config.json").exists());
+    for (args, want) in [
+        (
+            vec!["grpo", "--out", &p("x"), "--group-size", "1"],
+            "--group-size",
+        ),
+        (
+            vec!["sft", "--data", &p("missing.jsonl"), "--out", &p("y")],
+            "missing.jsonl",
+        ),
+        (
+            vec![
+                "tasks",
+                "--task",
+                "countdown",
+                "--style",
+                "problems",
+                "--out",
+                &p("z"),
+            ],
+            "countdown",
+        ),
+    ] {
+        let (ok, _, err) = fathom(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// Chat shows R1 reasoning apart from the answer.
+#[test]
+fn chat_sets_reasoning_apart_from_the_answer() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .args(["chat", "--max-tokens", "12", "--temperature", "0"])
+        .current_dir(root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"Hi\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The default template pre-fills <think>, so what the model writes first is reasoning.
+    assert!(text.starts_with("[reasoning]\n"), "{text:?}");
+}

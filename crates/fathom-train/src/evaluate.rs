@@ -1,9 +1,10 @@
 //! `fathom eval`: accuracy, format-reward rate and pass@k of a model on freshly generated held-out
 //! problems, through the inference engine (latent cache, the model's chat template).
 //!
-//! Prompts are the R1-Zero instruction as the system message and the question as the user
-//! message; R1's template pre-fills `<think>\n`, so completions are scored with that prefix
-//! (the format reward accepts a completion that starts inside the think block).
+//! Prompts are the question as the user message, with an optional system prompt ([`system_prompt`]:
+//! none by default, or R1-Zero's instruction); R1's template pre-fills `<think>\n`, so
+//! completions are scored with that prefix (the format reward accepts a completion that starts
+//! inside the think block).
 
 use crate::rewards::{Accuracy, Format, Reward};
 use crate::tasks::{self, Problem, Split};
@@ -19,7 +20,8 @@ pub const R1_ZERO_SYSTEM: &str = "A conversation between User and Assistant. The
 /// Where evaluation problems come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskSource {
-    Arithmetic,
+    /// Operands of at most this many digits (`arithmetic` = 4, `arithmetic:N`).
+    Arithmetic(u32),
     Countdown,
     /// `{"prompt", "answer"}` lines; all of the file is held out.
     File(PathBuf),
@@ -27,8 +29,15 @@ pub enum TaskSource {
 
 impl TaskSource {
     pub fn parse(s: &str) -> Self {
+        if let Some(d) = s
+            .strip_prefix("arithmetic:")
+            .and_then(|d| d.parse::<u32>().ok())
+            .filter(|d| (2..=9).contains(d))
+        {
+            return TaskSource::Arithmetic(d);
+        }
         match s {
-            "arithmetic" => TaskSource::Arithmetic,
+            "arithmetic" => TaskSource::Arithmetic(4),
             "countdown" => TaskSource::Countdown,
             path => TaskSource::File(PathBuf::from(path)),
         }
@@ -37,7 +46,7 @@ impl TaskSource {
     /// `n` problems of `split` for `seed` (a file yields its first `n` tasks whatever the split).
     pub fn problems(&self, n: usize, seed: u64, split: Split) -> Result<Vec<Problem>, String> {
         Ok(match self {
-            TaskSource::Arithmetic => tasks::arithmetic(n, seed, split),
+            TaskSource::Arithmetic(d) => tasks::arithmetic_digits(n, seed, split, *d),
             TaskSource::Countdown => tasks::countdown(n, seed, split),
             TaskSource::File(p) => {
                 let mut all = tasks::load_jsonl(p)?;
@@ -48,13 +57,37 @@ impl TaskSource {
     }
 }
 
-/// The prompt ids for a problem: chat template with the R1-Zero system prompt, generation prompt.
-pub fn prompt_ids(tok: &TextTokenizer, problem: &Problem) -> fathom_core::Result<Vec<u32>> {
-    let msgs = json!([
-        {"role": "system", "content": R1_ZERO_SYSTEM},
-        {"role": "user", "content": problem.question},
-    ]);
-    Ok(tok.apply_chat_template(&msgs, None, true)?.1)
+/// The system prompt a `--system` argument names: `none` (the default: DeepSeek recommends no
+/// system prompt for R1, its template carries the format), `r1-zero` (R1-Zero's instruction,
+/// [`R1_ZERO_SYSTEM`]), or the text itself.
+pub fn system_prompt(arg: &str) -> Option<String> {
+    match arg {
+        "" | "none" => None,
+        "r1-zero" => Some(R1_ZERO_SYSTEM.to_string()),
+        text => Some(text.to_string()),
+    }
+}
+
+/// The conversation asking `problem`: the optional system prompt, then the question as the user.
+pub fn question_messages(problem: &Problem, system: Option<&str>) -> serde_json::Value {
+    let mut msgs = vec![];
+    if let Some(s) = system {
+        msgs.push(json!({"role": "system", "content": s}));
+    }
+    msgs.push(json!({"role": "user", "content": problem.question}));
+    serde_json::Value::Array(msgs)
+}
+
+/// The prompt ids for a problem: the chat template over [`question_messages`] with the generation
+/// prompt (R1's template pre-fills `<think>\n`).
+pub fn prompt_ids(
+    tok: &TextTokenizer,
+    problem: &Problem,
+    system: Option<&str>,
+) -> fathom_core::Result<Vec<u32>> {
+    Ok(tok
+        .apply_chat_template(&question_messages(problem, system), None, true)?
+        .1)
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +97,8 @@ pub struct EvalOptions {
     pub k: usize,
     pub temperature: f64,
     pub seed: u64,
+    /// System prompt of every question (None: none).
+    pub system: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,17 +118,27 @@ pub struct EvalReport {
     pub examples: Vec<(String, String, bool)>,
 }
 
-/// Evaluate `model` on `problems`. `progress(done, total)` after each problem.
+/// What one problem's evaluation found.
+struct ProblemResult {
+    tokens: usize,
+    correct: bool,
+    formatted: bool,
+    passed: bool,
+    text: String,
+}
+
+/// Evaluate `model` on `problems`, split over `threads` workers (each problem's samples are
+/// seeded by its index, so the report does not depend on the split). `progress(1)` after each
+/// problem.
 pub fn evaluate(
     model: &CausalLm,
     tok: &TextTokenizer,
     problems: &[Problem],
     opts: &EvalOptions,
-    mut progress: impl FnMut(usize, usize),
+    threads: usize,
+    progress: &(dyn Fn(usize) + Sync),
 ) -> anyhow::Result<EvalReport> {
     let t0 = std::time::Instant::now();
-    let (mut correct, mut formatted, mut passed, mut tokens) = (0usize, 0usize, 0usize, 0usize);
-    let mut examples = Vec::new();
     let no_stop: Vec<String> = vec![];
     let run = |prompt: &[u32], params: SamplingParams| {
         let o = GenerateOptions {
@@ -106,13 +151,10 @@ pub fn evaluate(
         };
         generate(model, Some(tok), prompt, &o, &mut |_| {})
     };
-    for (i, p) in problems.iter().enumerate() {
-        let prompt = prompt_ids(tok, p)?;
+    let one = |i: usize, p: &Problem| -> anyhow::Result<ProblemResult> {
+        let prompt = prompt_ids(tok, p, opts.system.as_deref())?;
         let g = run(&prompt, SamplingParams::default())?;
-        tokens += g.token_ids.len();
         let ok = Accuracy.score(p, &g.text) > 0.0;
-        correct += ok as usize;
-        formatted += (Format.score(p, &g.text) > 0.0) as usize;
         // pass@k: k samples at the sampling temperature, any correct (greedy when k = 1); stops at
         // the first correct sample.
         let mut any = opts.k <= 1 && ok;
@@ -131,12 +173,45 @@ pub fn evaluate(
             };
             any = Accuracy.score(p, &run(&prompt, params)?.text) > 0.0;
         }
-        passed += any as usize;
-        if examples.len() < 3 {
-            examples.push((p.question.clone(), g.text.clone(), ok));
-        }
-        progress(i + 1, problems.len());
+        progress(1);
+        Ok(ProblemResult {
+            tokens: g.token_ids.len(),
+            correct: ok,
+            formatted: Format.score(p, &g.text) > 0.0,
+            passed: any,
+            text: g.text,
+        })
+    };
+    let parts: Vec<anyhow::Result<Vec<ProblemResult>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = crate::posttrain::split_ranges(problems.len(), threads)
+            .into_iter()
+            .map(|range| {
+                let one = &one;
+                scope.spawn(move || range.map(|i| one(i, &problems[i])).collect())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("evaluation worker panicked"))
+            .collect()
+    });
+    let mut results = Vec::with_capacity(problems.len());
+    for part in parts {
+        results.extend(part?);
     }
+    let count = |f: &dyn Fn(&ProblemResult) -> bool| results.iter().filter(|r| f(r)).count();
+    let (correct, formatted, passed) = (
+        count(&|r| r.correct),
+        count(&|r| r.formatted),
+        count(&|r| r.passed),
+    );
+    let tokens: usize = results.iter().map(|r| r.tokens).sum();
+    let examples = problems
+        .iter()
+        .zip(&results)
+        .take(3)
+        .map(|(p, r)| (p.question.clone(), r.text.clone(), r.correct))
+        .collect();
     let n = problems.len().max(1) as f64;
     Ok(EvalReport {
         n: problems.len(),

@@ -16,10 +16,24 @@ use candle_core::{DType, Result, Tensor};
 /// log-probabilities of each next token (differentiable through the model's weights). The
 /// policy, reference and sampling-policy terms of the loss all come from this.
 pub fn token_logprobs(model: &fathom_model::CausalLm, tokens: &Tensor) -> Result<Tensor> {
+    token_logprobs_at(model, tokens, 1.0)
+}
+
+/// As [`token_logprobs`] under the policy sampled at `temperature` (logits / T), so the ratio
+/// and KL terms compare the distribution the rollouts were actually drawn from (TRL does the
+/// same).
+pub fn token_logprobs_at(
+    model: &fathom_model::CausalLm,
+    tokens: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
     let (_, l) = tokens.dims2()?;
     let inputs = tokens.narrow(1, 0, l - 1)?;
     let targets = tokens.narrow(1, 1, l - 1)?.contiguous()?;
-    let logits = model.forward(&inputs, 0, None)?; // [n, L−1, V]
+    let mut logits = model.forward(&inputs, 0, None)?; // [n, L−1, V]
+    if temperature != 1.0 {
+        logits = (logits / temperature)?;
+    }
     let logp = fathom_model::ops::log_softmax_last(&logits)?;
     logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)
 }

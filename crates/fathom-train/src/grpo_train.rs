@@ -18,7 +18,7 @@
 use crate::error::{Result, TrainError};
 use crate::evaluate::{evaluate, prompt_ids, EvalOptions, EvalReport, TaskSource};
 use crate::grpo::{
-    group_advantages, grpo_loss, informative_groups, token_logprobs, GrpoLossConfig,
+    group_advantages, grpo_loss, informative_groups, token_logprobs_at, GrpoLossConfig,
 };
 use crate::posttrain::{
     parallel_gradients, snapshot, split_ranges, worker_threads, OptimConfig, Run,
@@ -38,7 +38,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GrpoConfig {
     pub model: PathBuf,
-    /// arithmetic, countdown, or a JSONL file of {"prompt", "answer"} lines.
+    /// arithmetic (operands up to 4 digits; arithmetic:N for up to N), countdown, or a JSONL file
+    /// of {"prompt", "answer"} lines.
     pub task: String,
     pub prompts_per_step: usize,
     /// G: completions per prompt.
@@ -69,6 +70,8 @@ pub struct GrpoConfig {
     pub log_every: usize,
     /// MTP speculative decoding in rollouts (drafts per step; 0 = off).
     pub draft_tokens: usize,
+    /// System prompt of every question (None: none; see `evaluate::system_prompt`).
+    pub system: Option<String>,
 }
 
 impl GrpoConfig {
@@ -92,6 +95,8 @@ pub struct GrpoOptions {
     pub quiet: bool,
     pub stop_after: Option<usize>,
     pub threads: usize,
+    /// Step checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +254,7 @@ fn frozen_logprobs(
     model: &CausalLm,
     seqs: &[Sequence],
     pad: u32,
+    temperature: f64,
     threads: usize,
 ) -> Result<Vec<Tensor>> {
     let ranges = split_ranges(seqs.len(), threads);
@@ -259,7 +265,7 @@ fn frozen_logprobs(
                 let part = &seqs[r.clone()];
                 scope.spawn(move || {
                     let (ids, _, _) = sequence_tensors(part, pad, &model.device)?;
-                    Ok(token_logprobs(model, &ids)?.detach())
+                    Ok(token_logprobs_at(model, &ids, temperature)?.detach())
                 })
             })
             .collect();
@@ -288,6 +294,7 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         opts.resume,
         opts.quiet,
     )?;
+    run.keep_checkpoints = opts.keep_checkpoints;
     let cfg = run.config.clone();
     let loss_cfg = cfg.loss();
     let tok = TextTokenizer::from_dir(&run.dir.join("tokenizer"))?;
@@ -296,16 +303,28 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         .first()
         .ok_or_else(|| anyhow::anyhow!("the tokenizer has no end-of-sequence token"))?;
     let source = TaskSource::parse(&cfg.task);
-    let pool = match &source {
-        TaskSource::File(_) => source
-            .problems(usize::MAX, cfg.seed, Split::Train)
-            .map_err(|e| anyhow::anyhow!(e))?,
-        _ => vec![],
+    // A file's tasks split by the same question hash as the generators: 1 in 8 held out (all of
+    // them train when the file is too small to spare any).
+    let (pool, held_out) = match &source {
+        TaskSource::File(_) => {
+            let all = source
+                .problems(usize::MAX, cfg.seed, Split::Train)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let (held, train): (Vec<Problem>, Vec<Problem>) = all
+                .iter()
+                .cloned()
+                .partition(|p| crate::tasks::split_of(&p.question) == Split::HeldOut);
+            let mut held = if train.is_empty() { vec![] } else { held };
+            held.truncate(cfg.eval_problems);
+            (if train.is_empty() { all } else { train }, held)
+        }
+        _ => (
+            vec![],
+            source
+                .problems(cfg.eval_problems, cfg.seed ^ 0xE7A1, Split::HeldOut)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        ),
     };
-    // Held-out problems: fixed for the run (a file's tasks are all "held out": eval on the file).
-    let held_out = source
-        .problems(cfg.eval_problems, cfg.seed ^ 0xE7A1, Split::HeldOut)
-        .map_err(|e| anyhow::anyhow!(e))?;
     let reference = if cfg.beta != 0.0 {
         Some(CausalLm::load(&cfg.model, DType::F32, &Device::Cpu)?)
     } else {
@@ -318,11 +337,12 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         k: cfg.eval_k,
         temperature: cfg.temperature,
         seed: cfg.seed,
+        system: cfg.system.clone(),
     };
     let mut evals = Vec::new();
     let eval_now = |run: &Run<GrpoConfig>| -> anyhow::Result<EvalReport> {
         let m = snapshot(&run.tm)?;
-        evaluate(&m, &tok, &held_out, &eval_opts, |_, _| {})
+        evaluate(&m, &tok, &held_out, &eval_opts, threads, &|_| {})
     };
     if run.step == 0 && !held_out.is_empty() {
         let r = eval_now(&run)?;
@@ -344,7 +364,7 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         let problems = step_problems(&source, &pool, cfg.prompts_per_step, cfg.seed, batch_step);
         let prompts: Vec<Vec<u32>> = problems
             .iter()
-            .map(|p| prompt_ids(&tok, p))
+            .map(|p| prompt_ids(&tok, p, cfg.system.as_deref()))
             .collect::<fathom_core::Result<_>>()?;
         let policy = snapshot(&run.tm)?;
         let samples = rollouts(
@@ -405,11 +425,19 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         // The frozen terms, once per batch.
         let ranges = split_ranges(seqs.len(), threads);
         let ref_lp = match &reference {
-            Some(r) if !seqs.is_empty() => Some(frozen_logprobs(r, &seqs, pad, threads)?),
+            Some(r) if !seqs.is_empty() => {
+                Some(frozen_logprobs(r, &seqs, pad, cfg.temperature, threads)?)
+            }
             _ => None,
         };
         let old_lp = if mu > 1 && !seqs.is_empty() {
-            Some(frozen_logprobs(&policy, &seqs, pad, threads)?)
+            Some(frozen_logprobs(
+                &policy,
+                &seqs,
+                pad,
+                cfg.temperature,
+                threads,
+            )?)
         } else {
             None
         };
@@ -430,7 +458,7 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
                 let (grads, stats) = parallel_gradients(&run.tm, items, |tm, k| {
                     let part = &seqs[ranges[k].clone()];
                     let (ids, mask, a) = sequence_tensors(part, pad, &tm.model.device)?;
-                    let logp = token_logprobs(&tm.model, &ids)?;
+                    let logp = token_logprobs_at(&tm.model, &ids, cfg.temperature)?;
                     let old = match &old_lp {
                         Some(o) => o[k].clone(),
                         None => logp.detach(),

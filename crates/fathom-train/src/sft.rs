@@ -71,6 +71,8 @@ pub struct SftOptions {
     pub quiet: bool,
     pub stop_after: Option<usize>,
     pub threads: usize,
+    /// Step checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -349,6 +351,7 @@ pub fn run_sft(opts: SftOptions) -> Result<SftSummary> {
         opts.resume,
         opts.quiet,
     )?;
+    run.keep_checkpoints = opts.keep_checkpoints;
     let cfg = run.config.clone();
     let tok = TextTokenizer::from_dir(&run.dir.join("tokenizer"))?;
     let pad = *tok.eos_ids.first().ok_or_else(|| TrainError::Data {
@@ -513,4 +516,93 @@ fn check_same_vocabulary(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples() -> Vec<SftExample> {
+        // Distinct lengths 3..=40; each id says which example it came from.
+        (0..38u32)
+            .map(|i| {
+                let len = 3 + i as usize;
+                SftExample {
+                    ids: vec![i; len],
+                    mask: (0..len).map(|t| (t >= len / 2) as u8).collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packing_keeps_every_example_whole_once_per_epoch() {
+        let ex = examples();
+        for packing in [true, false] {
+            let rows = epoch_rows(&ex, 7, 0, 64, packing);
+            let mut seen = vec![0usize; ex.len()];
+            for r in &rows {
+                assert!(r.ids.len() <= 64 && r.ids.len() == r.mask.len());
+                // Runs of equal ids are whole examples, masks travel with them.
+                let mut t = 0;
+                while t < r.ids.len() {
+                    let i = r.ids[t] as usize;
+                    let len = ex[i].ids.len();
+                    assert_eq!(&r.ids[t..t + len], ex[i].ids.as_slice());
+                    assert_eq!(&r.mask[t..t + len], ex[i].mask.as_slice());
+                    seen[i] += 1;
+                    t += len;
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+            if packing {
+                let tokens: usize = ex.iter().map(|e| e.ids.len()).sum();
+                assert!(
+                    rows.len() * 64 < tokens * 13 / 10,
+                    "first-fit wastes under 30 %"
+                );
+            } else {
+                assert_eq!(rows.len(), ex.len());
+            }
+        }
+        // Another epoch is another order; the same epoch is the same order.
+        assert_eq!(
+            epoch_rows(&ex, 7, 1, 64, true),
+            epoch_rows(&ex, 7, 1, 64, true)
+        );
+        assert_ne!(
+            epoch_rows(&ex, 7, 0, 64, true),
+            epoch_rows(&ex, 7, 1, 64, true)
+        );
+    }
+
+    #[test]
+    fn batches_walk_the_epochs_as_a_function_of_the_step() {
+        let ex = examples();
+        let mut a = Batcher::new(&ex, 3, 64, true);
+        let per_epoch = epoch_rows(&ex, 3, 0, 64, true).len();
+        let all: Vec<Row> = (0..5).flat_map(|s| a.batch(s, 7)).collect();
+        // Steps taken in any order (a resumed run starts mid-way) give the same rows.
+        let mut b = Batcher::new(&ex, 3, 64, true);
+        assert_eq!(b.batch(4, 7), all[28..35].to_vec());
+        assert_eq!(b.batch(0, 7), all[..7].to_vec());
+        // The sequence of rows is epoch 0, then epoch 1, …
+        let want: Vec<Row> = (0..4)
+            .flat_map(|e| epoch_rows(&ex, 3, e, 64, true))
+            .take(35)
+            .collect();
+        assert!(per_epoch < 35);
+        assert!(all == want, "rows differ from the epochs in order");
+        // Tensors: padded with the pad id, mask 0 there.
+        let (ids, mask) = rows_to_tensors(&all[..2], 99, &Device::Cpu).unwrap();
+        let w = all[..2].iter().map(|r| r.ids.len()).max().unwrap();
+        assert_eq!(ids.dims(), &[2, w]);
+        let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+        let mask: Vec<Vec<f32>> = mask.to_vec2().unwrap();
+        for (k, r) in all[..2].iter().enumerate() {
+            assert_eq!(&ids[k][..r.ids.len()], r.ids.as_slice());
+            assert!(ids[k][r.ids.len()..].iter().all(|&t| t == 99));
+            assert!(mask[k][r.ids.len()..].iter().all(|&m| m == 0.0));
+        }
+    }
 }

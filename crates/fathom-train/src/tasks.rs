@@ -105,11 +105,21 @@ fn sample_split(
 
 /// Multi-digit arithmetic: + and − on 2–4 digit operands, × on 2-digit × 1–2-digit.
 pub fn arithmetic(n: usize, seed: u64, split: Split) -> Vec<Problem> {
+    arithmetic_digits(n, seed, split, 4)
+}
+
+/// Arithmetic with operands of at most `max_digits` (≥ 2) digits: + and − on operands in
+/// [10, 10^d), × on a 2-digit number times one in [2, 10^min(d−1, 2)). `max_digits = 4` is
+/// [`arithmetic`].
+pub fn arithmetic_digits(n: usize, seed: u64, split: Split, max_digits: u32) -> Vec<Problem> {
+    let d = max_digits.clamp(2, 9);
+    let top = 10i64.pow(d);
+    let mul_top = 10i64.pow((d - 1).min(2));
     sample_split(n, seed ^ 0x0A41_7000, split, |rng| {
         let op = rng.random_range(0..3);
         let (a, b): (i64, i64) = match op {
-            2 => (rng.random_range(10..100), rng.random_range(2..100)),
-            _ => (rng.random_range(10..10_000), rng.random_range(10..10_000)),
+            2 => (rng.random_range(10..100), rng.random_range(2..mul_top)),
+            _ => (rng.random_range(10..top), rng.random_range(10..top)),
         };
         let (sym, v) = match op {
             0 => ('+', a + b),

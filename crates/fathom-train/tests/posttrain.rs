@@ -12,7 +12,7 @@ use fathom_train::metrics::read_records;
 use fathom_train::optim::AdamW;
 use fathom_train::posttrain::{gradients, load_trainable, OptimConfig};
 use fathom_train::sft::{run_sft, SftConfig, SftObjective, SftOptions};
-use fathom_train::tasks::{arithmetic, Split};
+use fathom_train::tasks::{arithmetic_digits, Split};
 use fathom_train::traces::{conversation, reference_answer, Style};
 use fathom_train::TrainableModel;
 use serde_json::{json, Value};
@@ -63,12 +63,12 @@ fn micro_model(dir: &Path, arch: &str, seed: u64) -> PathBuf {
 
 fn worked_data(dir: &Path, n: usize) -> PathBuf {
     let path = dir.join("worked.jsonl");
-    let text: String = arithmetic(n, 5, Split::Train)
+    let text: String = arithmetic_digits(n, 5, Split::Train, 2)
         .iter()
         .map(|p| {
             format!(
                 "{}\n",
-                conversation(p, &reference_answer(p, Style::Worked).unwrap())
+                conversation(p, &reference_answer(p, Style::Worked).unwrap(), None)
             )
         })
         .collect();
@@ -109,6 +109,7 @@ fn sft_opts(
         quiet: true,
         stop_after: stop,
         threads: 2,
+        keep_checkpoints: 2,
     }
 }
 
@@ -175,7 +176,8 @@ fn sft_resume_is_bit_identical_and_learns_the_targets() {
     );
     assert!(straight.join("metrics.png").exists());
 
-    // Learning: 40 steps take the validation loss on the answers far below the start.
+    // Learning: 40 steps take the validation loss on the answers far below the start (ln 2048 =
+    // 7.6 nats for a uniform guess).
     let learn = tmp.path().join("learn");
     let mut cfg = sft_config(&model, &data, ce);
     cfg.eval_every = 40;
@@ -184,7 +186,7 @@ fn sft_resume_is_bit_identical_and_learns_the_targets() {
     let first = recs[0]["loss"].as_f64().unwrap();
     let val = s.last_val_loss.unwrap();
     assert!(
-        val < 0.6 * first,
+        val < 0.7 * first,
         "val loss {val} vs first train loss {first}"
     );
     // The final checkpoint is an ordinary model directory.
@@ -238,6 +240,7 @@ fn grpo_config(model: &Path, mu: usize, beta: f64) -> GrpoConfig {
         save_every: 1,
         log_every: 100,
         draft_tokens: 0,
+        system: None,
     }
 }
 
@@ -257,6 +260,7 @@ fn grpo_opts(
         quiet: true,
         stop_after: stop,
         threads: 2,
+        keep_checkpoints: 2,
     }
 }
 

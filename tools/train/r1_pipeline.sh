@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The documented post-training run (docs/post-training.md): base model → SFT → GRPO on 2-digit
+# arithmetic, then trace distillation into a fresh copy of the base model, against the same base
+# model fine-tuned on the raw task data (answers only) for the same number of steps.
+#
+#   cargo build --release && bash tools/train/r1_pipeline.sh [OUT]      (default OUT=runs/r1)
+#
+# Every step is resumable: re-running the script skips finished stages (their final/ exists).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+F=${FATHOM:-./target/release/fathom}
+if [ -d models/base ]; then BASE=${BASE:-models/base}; else BASE=${BASE:-models/default}; fi
+OUT=${1:-runs/r1}
+TASK=arithmetic:2
+SFT_STEPS=${SFT_STEPS:-2000}
+GRPO_STEPS=${GRPO_STEPS:-60}
+STUDENT_STEPS=${STUDENT_STEPS:-500}
+mkdir -p "$OUT"
+stage() { [ -d "$OUT/$1/final" ] && echo "== $1: done, skipped" && return 1; echo "== $1"; return 0; }
+t0=$(date +%s)
+
+# Data: column-arithmetic reference solutions (SFT) and the answers alone (the raw-data control).
+[ -f "$OUT/sft.jsonl" ] || $F tasks --task $TASK --n 30000 --style worked --out "$OUT/sft.jsonl"
+[ -f "$OUT/raw.jsonl" ] || $F tasks --task $TASK --n 30000 --style answer --out "$OUT/raw.jsonl"
+
+if stage sft; then
+  $F sft --model "$BASE" --data "$OUT/sft.jsonl" --out "$OUT/sft" --seq-len 128 --batch-size 16 \
+    --steps "$SFT_STEPS" --lr 1e-3 --eval-every 250 --save-every 250
+fi
+if stage grpo; then
+  $F grpo --model "$OUT/sft/final" --task $TASK --out "$OUT/grpo" --steps "$GRPO_STEPS" \
+    --prompts 16 --group-size 8 --max-tokens 48 --temperature 0.8 --lr 1e-4 --beta 0.04 \
+    --eval-every 10 --eval-n 300 --eval-k 1
+fi
+if stage distill; then
+  $F distill --teacher "$OUT/grpo/final" --student "$BASE" --mode traces --task $TASK \
+    --problems 4000 --samples 2 --max-tokens 48 --out "$OUT/distill" --seq-len 128 \
+    --steps "$STUDENT_STEPS" --lr 1e-3 --eval-every 250 --save-every 250
+fi
+if stage raw-sft; then
+  $F sft --model "$BASE" --data "$OUT/raw.jsonl" --out "$OUT/raw-sft" --seq-len 128 \
+    --steps "$STUDENT_STEPS" --lr 1e-3 --eval-every 250 --save-every 250
+fi
+
+# Held-out evaluation of every stage on the same 1000 fresh problems: greedy accuracy, format
+# rate, pass@8 at temperature 1.
+for m in sft grpo distill raw-sft; do
+  [ -f "$OUT/eval-$m.json" ] || $F eval --model "$OUT/$m/final" --task $TASK --n 1000 --seed 7 \
+    --k 8 --temperature 1.0 --max-tokens 48 --format json > "$OUT/eval-$m.json"
+done
+python3 - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+print(f"| model | held-out accuracy (greedy) | format | pass@8 |")
+print(f"|---|---|---|---|")
+for m in ["sft", "grpo", "distill", "raw-sft"]:
+    r = json.load(open(f"{out}/eval-{m}.json"))
+    print(f"| {m} | {100*r['accuracy']:.1f} % | {100*r['format_rate']:.1f} % | {100*r['pass_at_k']:.1f} % |")
+EOF
+echo "wall time: $(( $(date +%s) - t0 )) s"
