@@ -2,7 +2,7 @@
 quantised) and candle threads, each through `fathom bench --json`, interleaved over repeats so
 machine noise hits all alike. Prints a Markdown table with ratios to the first row.
 
-Run:  python3 tools/bench/inference_speed.py --model models/default [--pp 256 --tg 128]   (stdlib only)
+Run:  python3 tools/bench/inference_speed.py --model models/base [--pp 256 --tg 128]   (stdlib only)
 """
 
 import argparse

@@ -146,6 +146,23 @@ pub fn cmd_tokenizer(c: TokenizerCmd) -> Result<()> {
 }
 
 pub fn cmd_plot(run: PathBuf, out: Option<PathBuf>) -> Result<()> {
+    // Post-training runs (sft, grpo, distill) write flat records with their own panels.
+    if run.join("run_config.json").exists() {
+        let path = run.join("metrics.jsonl");
+        let recs: Vec<serde_json::Value> = fathom_train::metrics::read_records(&path)?;
+        if recs.is_empty() {
+            bail!("{}: no metrics yet", path.display());
+        }
+        let panels = if recs.iter().any(|r| r.get("reward").is_some()) {
+            fathom_train::grpo_train::GRPO_PANELS
+        } else {
+            fathom_train::sft::SFT_PANELS
+        };
+        let out = out.unwrap_or_else(|| run.join("metrics.png"));
+        fathom_train::metrics::plot_panels(&recs, panels, &out)?;
+        eprintln!("{} steps plotted to {}", recs.len(), out.display());
+        return Ok(());
+    }
     let recs = read_metrics(&run.join("metrics.jsonl"))?;
     if recs.is_empty() {
         bail!("{}: no metrics yet", run.join("metrics.jsonl").display());

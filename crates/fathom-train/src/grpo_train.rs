@@ -350,6 +350,13 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
             "held-out before GRPO: accuracy {:.3}, format {:.3}, pass@{} {:.3}",
             r.accuracy, r.format_rate, r.k, r.pass_at_k
         ));
+        // Step 0 of the metrics: where the policy starts.
+        let rec = serde_json::json!({
+            "eval_accuracy": r.accuracy,
+            "eval_format": r.format_rate,
+            "eval_pass_at_k": r.pass_at_k,
+        });
+        run.log(rec, "", usize::MAX)?;
         evals.push((0, r));
     }
     let mu = cfg.inner_iterations.max(1);

@@ -306,8 +306,12 @@ fn grpo_resume_is_bit_identical() {
             a == b,
             "μ = {mu}: resumed GRPO differs from the uninterrupted run"
         );
-        let recs = metrics_without_timing(&straight);
-        assert_eq!(recs, metrics_without_timing(&split));
+        let all = metrics_without_timing(&straight);
+        assert_eq!(all, metrics_without_timing(&split));
+        // Step 0 holds the held-out evaluation of the starting policy, then one record per step.
+        assert_eq!(all[0]["step"], 0);
+        assert!(all[0]["eval_accuracy"].as_f64().is_some());
+        let recs: Vec<&Value> = all.iter().filter(|r| r.get("reward").is_some()).collect();
         assert_eq!(recs.len(), 4);
         for r in &recs {
             for k in [
