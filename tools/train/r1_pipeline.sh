@@ -27,13 +27,12 @@ if stage sft; then
   $F sft --model "$BASE" --data "$OUT/sft.jsonl" --out "$OUT/sft" --seq-len 128 --batch-size 16 \
     --steps 2000 --lr 1e-3 --eval-every 250 --save-every 250 --keep-checkpoints 10
 fi
-# GRPO: 60 steps, then extended to 150 with --resume (as the documented run was made; the lr
-# schedule restarts its cosine over the longer horizon).
+# GRPO: 150 steps at a constant lr after warm-up (the documented run was 60 steps extended to
+# 150 with --resume, which with a constant lr is the same run).
 if stage grpo; then
-  $F grpo --model "$OUT/sft/checkpoints/step-0000750" --task $TASK --out "$OUT/grpo" --steps 60 \
+  $F grpo --model "$OUT/sft/checkpoints/step-0000750" --task $TASK --out "$OUT/grpo" --steps 150 \
     --prompts 16 --group-size 8 --max-tokens 48 --temperature 1.0 --lr 1e-4 --beta 0.04 \
     --eval-every 10 --eval-n 300 --eval-k 1
-  $F grpo --out "$OUT/grpo" --resume --steps 150
 fi
 if stage distill; then
   $F distill --teacher "$OUT/grpo/final" --student "$BASE" --mode traces --task $TASK \

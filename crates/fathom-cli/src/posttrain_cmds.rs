@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fathom_train::evaluate::{system_prompt, TaskSource};
 use fathom_train::grpo_train::{run_grpo, GrpoConfig, GrpoOptions};
-use fathom_train::posttrain::{worker_threads, OptimConfig};
+use fathom_train::posttrain::{worker_threads, OptimConfig, RunOptions};
 use fathom_train::rewards::RewardSet;
 use fathom_train::sft::{run_sft, SftConfig, SftObjective, SftOptions, SftSummary};
 use fathom_train::tasks::Split;
@@ -60,6 +60,29 @@ impl RunArgs {
             ..OptimConfig::fine_tune(self.lr.unwrap_or(default_lr))
         }
     }
+
+    fn options(&self, optim: OptimConfig, default_steps: usize) -> RunOptions {
+        RunOptions {
+            optim,
+            max_steps: self.steps.unwrap_or(default_steps),
+            out: self.out.clone(),
+            resume: self.resume,
+            quiet: false,
+            stop_after: self.stop_after,
+            threads: self.threads,
+            keep_checkpoints: self.keep_checkpoints,
+        }
+    }
+}
+
+/// Run the SFT loop (for `sft` and `distill`) and print its summary.
+fn sft_and_report(config: SftConfig, r: &RunArgs) -> Result<()> {
+    let s = run_sft(SftOptions {
+        config,
+        run: r.options(r.optim(1e-3), 300),
+    })?;
+    print_sft_summary(&s, &r.out, r.json);
+    Ok(())
 }
 
 /// The SFT loop's own options (shared by `sft` and `distill`).
@@ -189,19 +212,7 @@ pub fn cmd_sft(a: SftArgs, model: PathBuf) -> Result<()> {
         mtp_weight: a.sft.mtp_weight,
     };
     let config = sft_config(model, a.data.clone(), objective, &a.sft, a.run.seed);
-    let s = run_sft(SftOptions {
-        config,
-        optim: a.run.optim(1e-3),
-        max_steps: a.run.steps.unwrap_or(300),
-        out: a.run.out.clone(),
-        resume: a.run.resume,
-        quiet: false,
-        stop_after: a.run.stop_after,
-        threads: a.run.threads,
-        keep_checkpoints: a.run.keep_checkpoints,
-    })?;
-    print_sft_summary(&s, &a.run.out, a.run.json);
-    Ok(())
+    sft_and_report(config, &a.run)
 }
 
 #[derive(Args)]
@@ -324,17 +335,14 @@ pub fn cmd_grpo(a: GrpoArgs, model: PathBuf) -> Result<()> {
     };
     let s = run_grpo(GrpoOptions {
         config,
-        optim: OptimConfig {
-            min_lr: a.run.lr.unwrap_or(1e-4),
-            ..a.run.optim(1e-4)
-        },
-        max_steps: a.run.steps.unwrap_or(100),
-        out: a.run.out.clone(),
-        resume: a.run.resume,
-        quiet: false,
-        stop_after: a.run.stop_after,
-        threads: a.run.threads,
-        keep_checkpoints: a.run.keep_checkpoints,
+        // GRPO keeps its lr constant after the warm-up (min_lr = lr), as TRL's default.
+        run: a.run.options(
+            OptimConfig {
+                min_lr: a.run.lr.unwrap_or(1e-4),
+                ..a.run.optim(1e-4)
+            },
+            100,
+        ),
     })?;
     let evals: Vec<_> = s
         .evals
@@ -466,19 +474,7 @@ pub fn cmd_distill(a: DistillArgs) -> Result<()> {
         },
     };
     let config = sft_config(a.student.clone(), data, objective, &a.sft, a.run.seed);
-    let s = run_sft(SftOptions {
-        config,
-        optim: a.run.optim(1e-3),
-        max_steps: a.run.steps.unwrap_or(300),
-        out: a.run.out.clone(),
-        resume: a.run.resume,
-        quiet: false,
-        stop_after: a.run.stop_after,
-        threads: a.run.threads,
-        keep_checkpoints: a.run.keep_checkpoints,
-    })?;
-    print_sft_summary(&s, &a.run.out, a.run.json);
-    Ok(())
+    sft_and_report(config, &a.run)
 }
 
 fn write_teacher_traces(a: &DistillArgs, path: &Path) -> Result<()> {

@@ -21,7 +21,7 @@ use crate::grpo::{
     group_advantages, grpo_loss, informative_groups, token_logprobs_at, GrpoLossConfig,
 };
 use crate::posttrain::{
-    parallel_gradients, snapshot, split_ranges, worker_threads, OptimConfig, Run,
+    parallel_gradients, snapshot, split_ranges, worker_threads, Run, RunOptions,
 };
 use crate::rewards::RewardSet;
 use crate::tasks::{Problem, Split};
@@ -87,16 +87,7 @@ impl GrpoConfig {
 
 pub struct GrpoOptions {
     pub config: GrpoConfig,
-    pub optim: OptimConfig,
-    /// Optimizer steps in all (rollout batches × μ).
-    pub max_steps: usize,
-    pub out: PathBuf,
-    pub resume: bool,
-    pub quiet: bool,
-    pub stop_after: Option<usize>,
-    pub threads: usize,
-    /// Step checkpoints kept (the newest).
-    pub keep_checkpoints: usize,
+    pub run: RunOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -285,16 +276,8 @@ struct ShardStats {
 }
 
 pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
-    let (mut run, _) = Run::<GrpoConfig>::open::<()>(
-        &opts.out,
-        &opts.config.model,
-        opts.config.clone(),
-        opts.optim.clone(),
-        opts.max_steps,
-        opts.resume,
-        opts.quiet,
-    )?;
-    run.keep_checkpoints = opts.keep_checkpoints;
+    let (mut run, _) =
+        Run::<GrpoConfig>::open::<()>(&opts.config.model, opts.config.clone(), &opts.run)?;
     let cfg = run.config.clone();
     let loss_cfg = cfg.loss();
     let tok = TextTokenizer::from_dir(&run.dir.join("tokenizer"))?;
@@ -331,7 +314,7 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         None
     };
     let rewards = RewardSet::r1(cfg.format_weight);
-    let threads = worker_threads(opts.threads);
+    let threads = worker_threads(opts.run.threads);
     let eval_opts = EvalOptions {
         max_tokens: cfg.max_tokens,
         k: cfg.eval_k,
@@ -362,7 +345,7 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
     let mu = cfg.inner_iterations.max(1);
     let mut batches_run = 0;
     while !run.done() {
-        if opts.stop_after.is_some_and(|n| batches_run >= n) {
+        if opts.run.stop_after.is_some_and(|n| batches_run >= n) {
             break;
         }
         let batch_step = run.step / mu;

@@ -177,6 +177,25 @@ pub fn worker_threads(requested: usize) -> usize {
     }
 }
 
+/// How a post-training run is driven: everything but the command's own options.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub optim: OptimConfig,
+    /// Optimizer steps in all (with `resume`: raised to extend a finished run).
+    pub max_steps: usize,
+    /// The run directory.
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Print nothing (tests).
+    pub quiet: bool,
+    /// Stop after this many steps (GRPO: rollout batches) of this invocation, leaving a checkpoint.
+    pub stop_after: Option<usize>,
+    /// Worker threads; 0 = all cores.
+    pub threads: usize,
+    /// Step checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
+}
+
 /// Saved in each checkpoint: the step and the command's own resumable state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunState<E> {
@@ -202,20 +221,17 @@ pub struct Run<C> {
 }
 
 impl<C: Serialize + DeserializeOwned + Clone> Run<C> {
-    /// Start a run in `dir` from `model_dir`, or (with `resume`) continue the one there from its
-    /// newest checkpoint; a resumed run keeps its saved options (`config`), taking only
-    /// `max_steps` from the call (raised, to extend a finished run). Returns the run and the
-    /// command's resumable state from the checkpoint, if resumed.
-    #[allow(clippy::too_many_arguments)]
+    /// Start a run in `opts.out` from `model_dir`, or (with `opts.resume`) continue the one there
+    /// from its newest checkpoint; a resumed run keeps its saved options (`config`, the optimiser),
+    /// taking only `max_steps` from the call (raised, to extend a finished run). Returns the run
+    /// and the command's resumable state from the checkpoint, if resumed.
     pub fn open<E: DeserializeOwned>(
-        dir: &Path,
         model_dir: &Path,
         config: C,
-        optim: OptimConfig,
-        max_steps: usize,
-        resume: bool,
-        quiet: bool,
+        opts: &RunOptions,
     ) -> Result<(Self, Option<E>)> {
+        let (dir, optim, max_steps) = (opts.out.as_path(), opts.optim.clone(), opts.max_steps);
+        let (resume, quiet) = (opts.resume, opts.quiet);
         let ckpt_root = dir.join("checkpoints");
         let cfg_path = dir.join("run_config.json");
         let existing = list_step_checkpoints(&ckpt_root);
@@ -312,7 +328,7 @@ impl<C: Serialize + DeserializeOwned + Clone> Run<C> {
                 optim,
                 step,
                 max_steps,
-                keep_checkpoints: 2,
+                keep_checkpoints: opts.keep_checkpoints,
                 quiet,
                 metrics,
                 bar,

@@ -18,7 +18,7 @@ use crate::data::mix;
 use crate::distill::{forward_kl, generalized_jsd};
 use crate::error::{io_err, Result, TrainError};
 use crate::objective::{masked_cross_entropy, pretrain_loss, scalar};
-use crate::posttrain::{parallel_gradients, split_ranges, worker_threads, OptimConfig, Run};
+use crate::posttrain::{parallel_gradients, split_ranges, worker_threads, Run, RunOptions};
 use crate::sft_data::{build_example, parse_line, SftExample};
 use candle_core::{DType, Device, Tensor};
 use fathom_core::TextTokenizer;
@@ -64,15 +64,7 @@ pub struct SftConfig {
 
 pub struct SftOptions {
     pub config: SftConfig,
-    pub optim: OptimConfig,
-    pub max_steps: usize,
-    pub out: PathBuf,
-    pub resume: bool,
-    pub quiet: bool,
-    pub stop_after: Option<usize>,
-    pub threads: usize,
-    /// Step checkpoints kept (the newest).
-    pub keep_checkpoints: usize,
+    pub run: RunOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -342,16 +334,8 @@ pub fn validation_loss(model: &CausalLm, rows: &[Row], pad: u32, batch: usize) -
 }
 
 pub fn run_sft(opts: SftOptions) -> Result<SftSummary> {
-    let (mut run, _) = Run::<SftConfig>::open::<()>(
-        &opts.out,
-        &opts.config.model,
-        opts.config.clone(),
-        opts.optim.clone(),
-        opts.max_steps,
-        opts.resume,
-        opts.quiet,
-    )?;
-    run.keep_checkpoints = opts.keep_checkpoints;
+    let (mut run, _) =
+        Run::<SftConfig>::open::<()>(&opts.config.model, opts.config.clone(), &opts.run)?;
     let cfg = run.config.clone();
     let tok = TextTokenizer::from_dir(&run.dir.join("tokenizer"))?;
     let pad = *tok.eos_ids.first().ok_or_else(|| TrainError::Data {
@@ -387,11 +371,11 @@ pub fn run_sft(opts: SftOptions) -> Result<SftSummary> {
         })
         .collect();
     let mut batcher = Batcher::new(&train, cfg.seed, capacity, cfg.packing);
-    let threads = worker_threads(opts.threads);
+    let threads = worker_threads(opts.run.threads);
     let (mut last_loss, mut last_val) = (None, None);
     let mut steps_run = 0;
     while !run.done() {
-        if opts.stop_after.is_some_and(|n| steps_run >= n) {
+        if opts.run.stop_after.is_some_and(|n| steps_run >= n) {
             break;
         }
         let started = Instant::now();

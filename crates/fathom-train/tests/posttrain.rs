@@ -10,7 +10,7 @@ use fathom_train::grpo::{grpo_loss, token_logprobs, GrpoLossConfig};
 use fathom_train::grpo_train::{run_grpo, sequence_tensors, GrpoConfig, GrpoOptions, Sequence};
 use fathom_train::metrics::read_records;
 use fathom_train::optim::AdamW;
-use fathom_train::posttrain::{gradients, load_trainable, OptimConfig};
+use fathom_train::posttrain::{gradients, load_trainable, OptimConfig, RunOptions};
 use fathom_train::sft::{run_sft, SftConfig, SftObjective, SftOptions};
 use fathom_train::tasks::{arithmetic_digits, Split};
 use fathom_train::traces::{conversation, reference_answer, Style};
@@ -102,7 +102,13 @@ fn sft_opts(
 ) -> SftOptions {
     SftOptions {
         config,
-        optim: OptimConfig::fine_tune(3e-3),
+        run: run_options(3e-3, out, steps, resume, stop),
+    }
+}
+
+fn run_options(lr: f64, out: &Path, steps: usize, resume: bool, stop: Option<usize>) -> RunOptions {
+    RunOptions {
+        optim: OptimConfig::fine_tune(lr),
         max_steps: steps,
         out: out.into(),
         resume,
@@ -253,14 +259,7 @@ fn grpo_opts(
 ) -> GrpoOptions {
     GrpoOptions {
         config,
-        optim: OptimConfig::fine_tune(1e-2),
-        max_steps: steps,
-        out: out.into(),
-        resume,
-        quiet: true,
-        stop_after: stop,
-        threads: 2,
-        keep_checkpoints: 2,
+        run: run_options(1e-2, out, steps, resume, stop),
     }
 }
 
