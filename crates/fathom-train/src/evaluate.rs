@@ -182,19 +182,10 @@ pub fn evaluate(
             text: g.text,
         })
     };
-    let parts: Vec<anyhow::Result<Vec<ProblemResult>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = crate::posttrain::split_ranges(problems.len(), threads)
-            .into_iter()
-            .map(|range| {
-                let one = &one;
-                scope.spawn(move || range.map(|i| one(i, &problems[i])).collect())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("evaluation worker panicked"))
-            .collect()
-    });
+    let parts: Vec<anyhow::Result<Vec<ProblemResult>>> =
+        crate::posttrain::on_ranges(problems.len(), threads, |range| {
+            range.map(|i| one(i, &problems[i])).collect()
+        });
     let mut results = Vec::with_capacity(problems.len());
     for part in parts {
         results.extend(part?);

@@ -21,7 +21,7 @@ use crate::grpo::{
     group_advantages, grpo_loss, informative_groups, token_logprobs_at, GrpoLossConfig,
 };
 use crate::posttrain::{
-    parallel_gradients, snapshot, split_ranges, worker_threads, Run, RunOptions,
+    on_ranges, parallel_gradients, snapshot, split_ranges, worker_threads, Run, RunOptions,
 };
 use crate::rewards::RewardSet;
 use crate::tasks::{Problem, Split};
@@ -159,46 +159,33 @@ pub fn rollouts(
         .collect();
     let no_stop: Vec<String> = vec![];
     let results: Vec<anyhow::Result<Vec<(usize, Vec<u32>, String)>>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = split_ranges(jobs.len(), threads)
-                .into_iter()
-                .map(|range| {
-                    let jobs = &jobs[range];
-                    let no_stop = &no_stop;
-                    scope.spawn(move || {
-                        let mut out = Vec::with_capacity(jobs.len());
-                        for &(i, j) in jobs {
-                            let seed = crate::data::mix(
-                                cfg.seed ^ crate::data::mix(((step * 7919 + i) * 131 + j) as u64),
-                            );
-                            let opts = GenerateOptions {
-                                params: SamplingParams {
-                                    temperature: cfg.temperature,
-                                    top_p: cfg.top_p,
-                                    seed,
-                                    ..SamplingParams::default()
-                                },
-                                max_tokens: cfg.max_tokens,
-                                stop: no_stop,
-                                ignore_eos: false,
-                                eos_ids: &tok.eos_ids,
-                                draft_tokens: cfg.draft_tokens,
-                            };
-                            let g = generate(model, Some(tok), &prompts[i], &opts, &mut |_| {})?;
-                            let mut ids = g.token_ids;
-                            if g.finish == FinishReason::Eos {
-                                ids.push(tok.eos_ids[0]);
-                            }
-                            out.push((i, ids, g.text));
-                        }
-                        Ok(out)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rollout worker panicked"))
-                .collect()
+        on_ranges(jobs.len(), threads, |range| {
+            let mut out = Vec::with_capacity(range.len());
+            for &(i, j) in &jobs[range] {
+                let seed = crate::data::mix(
+                    cfg.seed ^ crate::data::mix(((step * 7919 + i) * 131 + j) as u64),
+                );
+                let opts = GenerateOptions {
+                    params: SamplingParams {
+                        temperature: cfg.temperature,
+                        top_p: cfg.top_p,
+                        seed,
+                        ..SamplingParams::default()
+                    },
+                    max_tokens: cfg.max_tokens,
+                    stop: &no_stop,
+                    ignore_eos: false,
+                    eos_ids: &tok.eos_ids,
+                    draft_tokens: cfg.draft_tokens,
+                };
+                let g = generate(model, Some(tok), &prompts[i], &opts, &mut |_| {})?;
+                let mut ids = g.token_ids;
+                if g.finish == FinishReason::Eos {
+                    ids.push(tok.eos_ids[0]);
+                }
+                out.push((i, ids, g.text));
+            }
+            Ok(out)
         });
     let mut all = Vec::with_capacity(jobs.len());
     for r in results {
@@ -248,22 +235,10 @@ fn frozen_logprobs(
     temperature: f64,
     threads: usize,
 ) -> Result<Vec<Tensor>> {
-    let ranges = split_ranges(seqs.len(), threads);
-    let outs: Vec<Result<Tensor>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|r| {
-                let part = &seqs[r.clone()];
-                scope.spawn(move || {
-                    let (ids, _, _) = sequence_tensors(part, pad, &model.device)?;
-                    Ok(token_logprobs_at(model, &ids, temperature)?.detach())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker panicked"))
-            .collect()
+    // Shards split as the training step splits them (`split_ranges`), so shard k lines up.
+    let outs: Vec<Result<Tensor>> = on_ranges(seqs.len(), threads, |range| {
+        let (ids, _, _) = sequence_tensors(&seqs[range], pad, &model.device)?;
+        Ok(token_logprobs_at(model, &ids, temperature)?.detach())
     });
     outs.into_iter().collect()
 }

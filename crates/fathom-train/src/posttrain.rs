@@ -168,6 +168,48 @@ pub fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// Run `work` on each of `split_ranges(n, threads)` on its own scoped thread and return the
+/// results in range order (so whatever the work computes per index does not depend on the split).
+pub fn on_ranges<R: Send>(
+    n: usize,
+    threads: usize,
+    work: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = split_ranges(n, threads)
+            .into_iter()
+            .map(|range| {
+                let work = &work;
+                scope.spawn(move || work(range))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread panicked"))
+            .collect()
+    })
+}
+
+/// A step progress bar on a terminal (hidden otherwise, or when `quiet`), at `step` of
+/// `max_steps`; the flag says whether it is drawn.
+pub fn step_progress_bar(quiet: bool, max_steps: usize, step: usize) -> (ProgressBar, bool) {
+    let interactive = !quiet && std::io::stderr().is_terminal();
+    let bar = if interactive {
+        ProgressBar::with_draw_target(Some(max_steps as u64), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} {msg} ETA {eta_precise}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar.set_position(step as u64);
+    (bar, interactive)
+}
+
 /// Worker threads to use: `requested`, or all cores when 0.
 pub fn worker_threads(requested: usize) -> usize {
     if requested == 0 {
@@ -305,20 +347,7 @@ impl<C: Serialize + DeserializeOwned + Clone> Run<C> {
             }
             (tm, opt, 0, None)
         };
-        let interactive = !quiet && std::io::stderr().is_terminal();
-        let bar = if interactive {
-            ProgressBar::with_draw_target(Some(max_steps as u64), ProgressDrawTarget::stderr())
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {pos}/{len} {msg} ETA {eta_precise}",
-            )
-            .unwrap()
-            .progress_chars("=> "),
-        );
-        bar.set_position(step as u64);
+        let (bar, interactive) = step_progress_bar(quiet, max_steps, step);
         Ok((
             Run {
                 dir: dir.into(),

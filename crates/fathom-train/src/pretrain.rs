@@ -18,17 +18,16 @@ use crate::error::{io_err, Result, TrainError};
 use crate::metrics::{plot_metrics, read_metrics, MetricsLog, StepRecord};
 use crate::objective::{pretrain_loss, scalar};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, Param};
+use crate::posttrain::{gradients, step_progress_bar, worker_threads};
 use crate::tokenizer_train::train_tokenizer;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use fathom_core::{ModelConfig, TextTokenizer};
 use fathom_model::CausalLm;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -380,20 +379,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
 
     let bytes_per_token = ds.meta.val_text_bytes as f64 / ds.meta.val_tokens.max(1) as f64;
     let tokens_per_step = (t.batch_size * cfg.data.seq_len * t.grad_accum) as u64;
-    let interactive = !opts.quiet && std::io::stderr().is_terminal();
-    let bar = if interactive {
-        ProgressBar::with_draw_target(Some(t.max_steps as u64), ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{wide_bar}] {pos}/{len} {msg} ETA {eta_precise}",
-        )
-        .unwrap()
-        .progress_chars("=> "),
-    );
-    bar.set_position(state.step as u64);
+    let (bar, interactive) = step_progress_bar(opts.quiet, t.max_steps, state.step);
 
     let mut last_ckpt: Option<PathBuf> = existing.last().map(|e| e.1.clone());
     let mut last: Option<StepRecord> = None;
@@ -401,11 +387,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let mut tps_sum = 0.0;
     let mut steps_run = 0usize;
     let moe = tm.model.cfg.moe.clone();
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        opts.threads
-    };
+    let threads = worker_threads(opts.threads);
     let shards = threads.min(t.batch_size).max(1);
     while state.step < t.max_steps {
         if opts.stop_after.is_some_and(|n| steps_run >= n) {
@@ -619,14 +601,7 @@ fn shard_step(
         }
     }
     let total = scalar(&parts.total)?;
-    let g = (&parts.total * weight)?.backward()?;
-    let mut grads = Vec::with_capacity(tm.params.len());
-    for p in &tm.params {
-        grads.push(match g.get(p.var.as_tensor()) {
-            Some(gt) => gt.flatten_all()?.to_vec1()?,
-            None => vec![0f32; p.var.elem_count()],
-        });
-    }
+    let grads = gradients(tm, &(&parts.total * weight)?)?;
     Ok(ShardOut {
         weight,
         total,

@@ -7,7 +7,7 @@
 //! </answer>`.
 
 use crate::evaluate::{prompt_ids, question_messages};
-use crate::posttrain::split_ranges;
+use crate::posttrain::on_ranges;
 use crate::rewards::RewardSet;
 use crate::tasks::Problem;
 use fathom_core::TextTokenizer;
@@ -176,62 +176,49 @@ pub fn teacher_traces(
     progress: &(dyn Fn(usize) + Sync),
 ) -> anyhow::Result<(Vec<Value>, TraceStats)> {
     let no_stop: Vec<String> = vec![];
-    let parts: Vec<anyhow::Result<Vec<(usize, Vec<String>)>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = split_ranges(problems.len(), threads)
-            .into_iter()
-            .map(|range| {
-                let no_stop = &no_stop;
-                scope.spawn(move || {
-                    let mut out = Vec::new();
-                    for i in range {
-                        let p = &problems[i];
-                        let prompt = prompt_ids(tok, p, system)?;
-                        let prefilled = tok.decode(&prompt, false)?.trim_end().ends_with("<think>");
-                        let mut kept = Vec::new();
-                        for j in 0..k.max(1) {
-                            let params = SamplingParams {
-                                temperature: if j == 0 { 0.0 } else { temperature },
-                                seed: crate::data::mix(
-                                    seed ^ crate::data::mix((i * 1009 + j) as u64),
-                                ),
-                                ..SamplingParams::default()
-                            };
-                            let o = GenerateOptions {
-                                params,
-                                max_tokens,
-                                stop: no_stop,
-                                ignore_eos: false,
-                                eos_ids: &tok.eos_ids,
-                                draft_tokens: 0,
-                            };
-                            let g = generate(teacher, Some(tok), &prompt, &o, &mut |_| {})?;
-                            if g.finish != fathom_engine::FinishReason::Eos {
-                                continue; // cut off: not a complete trace
-                            }
-                            let text = if prefilled {
-                                format!("<think>\n{}", g.text)
-                            } else {
-                                g.text.clone()
-                            };
-                            if rewards.score(p, &g.text).total >= min_reward
-                                && !kept.contains(&text)
-                                && kept.len() < keep_per_problem
-                            {
-                                kept.push(text);
-                            }
-                        }
-                        progress(1);
-                        out.push((i, kept));
+    let parts: Vec<anyhow::Result<Vec<(usize, Vec<String>)>>> =
+        on_ranges(problems.len(), threads, |range| {
+            let mut out = Vec::new();
+            for i in range {
+                let p = &problems[i];
+                let prompt = prompt_ids(tok, p, system)?;
+                let prefilled = tok.decode(&prompt, false)?.trim_end().ends_with("<think>");
+                let mut kept = Vec::new();
+                for j in 0..k.max(1) {
+                    let params = SamplingParams {
+                        temperature: if j == 0 { 0.0 } else { temperature },
+                        seed: crate::data::mix(seed ^ crate::data::mix((i * 1009 + j) as u64)),
+                        ..SamplingParams::default()
+                    };
+                    let o = GenerateOptions {
+                        params,
+                        max_tokens,
+                        stop: &no_stop,
+                        ignore_eos: false,
+                        eos_ids: &tok.eos_ids,
+                        draft_tokens: 0,
+                    };
+                    let g = generate(teacher, Some(tok), &prompt, &o, &mut |_| {})?;
+                    if g.finish != fathom_engine::FinishReason::Eos {
+                        continue; // cut off: not a complete trace
                     }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("trace worker panicked"))
-            .collect()
-    });
+                    let text = if prefilled {
+                        format!("<think>\n{}", g.text)
+                    } else {
+                        g.text.clone()
+                    };
+                    if rewards.score(p, &g.text).total >= min_reward
+                        && !kept.contains(&text)
+                        && kept.len() < keep_per_problem
+                    {
+                        kept.push(text);
+                    }
+                }
+                progress(1);
+                out.push((i, kept));
+            }
+            Ok(out)
+        });
     let mut stats = TraceStats {
         problems: problems.len(),
         samples: problems.len() * k.max(1),
