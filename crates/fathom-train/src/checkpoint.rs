@@ -7,7 +7,10 @@
 //! training checkpoints `optimizer.safetensors` + `optimizer.json` + `trainer_state.json`.
 
 use crate::error::{io_err, Result, TrainError};
+use crate::optim::AdamW;
+use crate::pretrain::TrainableModel;
 use candle_core::Tensor;
+use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -95,4 +98,39 @@ pub fn list_step_checkpoints(root: &Path) -> Vec<(usize, PathBuf)> {
 
 pub fn step_dir(root: &Path, step: usize) -> PathBuf {
     root.join(format!("step-{step:07}"))
+}
+
+/// Write the training checkpoint `root/step-NNNNNNN/` (weights, tokenizer, optimizer state, any
+/// `extra_files`, and `trainer_state.json` last, whose presence marks it complete), then remove
+/// all but the newest `keep` step checkpoints. Pretraining and post-training both save this way.
+pub fn save_step_checkpoint(
+    root: &Path,
+    step: usize,
+    tm: &TrainableModel,
+    opt: &AdamW,
+    tokenizer_dir: &Path,
+    state: &impl Serialize,
+    extra_files: &[(&str, String)],
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = step_dir(root, step);
+    write_checkpoint(
+        &dir,
+        &tm.hf_config,
+        &tm.checkpoint_tensors(),
+        Some(tokenizer_dir),
+        |tmp| {
+            opt.save(&tm.params, &tmp.join("optimizer.safetensors"))?;
+            for (name, contents) in extra_files {
+                let p = tmp.join(name);
+                std::fs::write(&p, contents).map_err(io_err(&p))?;
+            }
+            let p = tmp.join("trainer_state.json");
+            std::fs::write(&p, serde_json::to_string_pretty(state).unwrap()).map_err(io_err(&p))
+        },
+    )?;
+    for (_, old) in list_step_checkpoints(root).iter().rev().skip(keep.max(1)) {
+        std::fs::remove_dir_all(old).map_err(io_err(old))?;
+    }
+    Ok(dir)
 }

@@ -117,7 +117,6 @@ pub struct Rollout {
     pub problem: usize,
     /// Completion ids, with the eos that ended it (the policy learns to stop).
     pub ids: Vec<u32>,
-    pub text: String,
     pub reward: f64,
     pub parts: Vec<(String, f64)>,
 }
@@ -298,12 +297,15 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
         system: cfg.system.clone(),
     };
     let mut evals = Vec::new();
-    let eval_now = |run: &Run<GrpoConfig>| -> anyhow::Result<EvalReport> {
-        let m = snapshot(&run.tm)?;
-        evaluate(&m, &tok, &held_out, &eval_opts, threads, &|_| {})
+    // A plain copy of the current weights, built once per weight update and shared by the
+    // held-out evaluation and the next batch's rollouts.
+    let mut fresh_policy: Option<CausalLm> = None;
+    let eval_now = |m: &CausalLm| -> anyhow::Result<EvalReport> {
+        evaluate(m, &tok, &held_out, &eval_opts, threads, &|_| {})
     };
     if run.step == 0 && !held_out.is_empty() {
-        let r = eval_now(&run)?;
+        let m = fresh_policy.insert(snapshot(&run.tm)?);
+        let r = eval_now(m)?;
         run.say(&format!(
             "held-out before GRPO: accuracy {:.3}, format {:.3}, pass@{} {:.3}",
             r.accuracy, r.format_rate, r.k, r.pass_at_k
@@ -331,7 +333,10 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
             .iter()
             .map(|p| prompt_ids(&tok, p, cfg.system.as_deref()))
             .collect::<fathom_core::Result<_>>()?;
-        let policy = snapshot(&run.tm)?;
+        let policy = match fresh_policy.take() {
+            Some(m) => m,
+            None => snapshot(&run.tm)?,
+        };
         let samples = rollouts(
             &policy,
             &tok,
@@ -349,7 +354,6 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
                 Rollout {
                     problem: i,
                     ids,
-                    text,
                     reward: s.total,
                     parts: s.parts,
                 }
@@ -486,7 +490,8 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
             let batch_no = run.step.div_ceil(mu);
             let eval_due = done && cfg.eval_every > 0 && batch_no % cfg.eval_every == 0;
             if (eval_due || run.done()) && !held_out.is_empty() {
-                let r = eval_now(&run)?;
+                let m = fresh_policy.insert(snapshot(&run.tm)?);
+                let r = eval_now(m)?;
                 rec["eval_accuracy"] = r.accuracy.into();
                 rec["eval_format"] = r.format_rate.into();
                 rec["eval_pass_at_k"] = r.pass_at_k.into();

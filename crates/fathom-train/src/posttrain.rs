@@ -9,7 +9,7 @@
 //! the newest checkpoint: weights and AdamW moments are restored exactly and every batch is a
 //! function of (seed, step), so a resumed run equals an uninterrupted one.
 
-use crate::checkpoint::{list_step_checkpoints, step_dir, write_checkpoint};
+use crate::checkpoint::{list_step_checkpoints, save_step_checkpoint, write_checkpoint};
 use crate::error::{io_err, Result, TrainError};
 use crate::metrics::{plot_panels, read_records, MetricsLog};
 use crate::optim::{clip_grad_norm, lr_at, AdamW};
@@ -423,33 +423,20 @@ impl<C: Serialize + DeserializeOwned + Clone> Run<C> {
     /// Write `checkpoints/step-N` (weights, optimizer, `extra` state), drop old ones, and redraw
     /// the plot with `panels`.
     pub fn save<E: Serialize>(&self, extra: &E, panels: &[(&str, &[&str])]) -> Result<()> {
-        let root = self.dir.join("checkpoints");
-        let dir = step_dir(&root, self.step);
         let state = RunState {
             step: self.step,
             extra,
         };
-        write_checkpoint(
-            &dir,
-            &self.tm.hf_config,
-            &self.tm.checkpoint_tensors(),
-            Some(&self.dir.join("tokenizer")),
-            |tmp| {
-                self.opt
-                    .save(&self.tm.params, &tmp.join("optimizer.safetensors"))?;
-                // Written last: its presence marks a complete training checkpoint.
-                let p = tmp.join("trainer_state.json");
-                std::fs::write(&p, serde_json::to_string_pretty(&state).unwrap())
-                    .map_err(io_err(&p))
-            },
+        save_step_checkpoint(
+            &self.dir.join("checkpoints"),
+            self.step,
+            &self.tm,
+            &self.opt,
+            &self.dir.join("tokenizer"),
+            &state,
+            &[],
+            self.keep_checkpoints,
         )?;
-        for (_, old) in list_step_checkpoints(&root)
-            .iter()
-            .rev()
-            .skip(self.keep_checkpoints.max(1))
-        {
-            std::fs::remove_dir_all(old).map_err(io_err(old))?;
-        }
         self.plot(panels)
     }
 

@@ -11,7 +11,7 @@
 //! balancing biases and AdamW moments are saved exactly, and batches are a function of the step.
 
 use crate::balance::{expert_loads, max_violation, update_bias};
-use crate::checkpoint::{list_step_checkpoints, step_dir, write_checkpoint};
+use crate::checkpoint::{list_step_checkpoints, save_step_checkpoint, write_checkpoint};
 use crate::config::TrainConfig;
 use crate::data::{mix, prepare, Dataset};
 use crate::error::{io_err, Result, TrainError};
@@ -524,16 +524,16 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             eprintln!("step {}/{} {msg}", state.step, t.max_steps);
         }
         if state.step % t.save_every == 0 || done {
-            let dir = step_dir(&ckpt_root, state.step);
-            save_training_checkpoint(&tm, &opt, &state, &cfg, &tok_dir, &dir)?;
-            last_ckpt = Some(dir);
-            for (_, old) in list_step_checkpoints(&ckpt_root)
-                .iter()
-                .rev()
-                .skip(t.keep_checkpoints.max(1))
-            {
-                std::fs::remove_dir_all(old).map_err(io_err(old))?;
-            }
+            last_ckpt = Some(save_step_checkpoint(
+                &ckpt_root,
+                state.step,
+                &tm,
+                &opt,
+                &tok_dir,
+                &state,
+                &[("train_config.toml", cfg.to_toml())],
+                t.keep_checkpoints,
+            )?);
             if let Ok(recs) = read_metrics(&run.join("metrics.jsonl")) {
                 plot_metrics(&recs, &run.join("metrics.png"))?;
             }
@@ -611,28 +611,4 @@ fn shard_step(
         loads,
         grads,
     })
-}
-
-fn save_training_checkpoint(
-    tm: &TrainableModel,
-    opt: &AdamW,
-    state: &TrainerState,
-    cfg: &TrainConfig,
-    tok_dir: &Path,
-    dir: &Path,
-) -> Result<()> {
-    write_checkpoint(
-        dir,
-        &tm.hf_config,
-        &tm.checkpoint_tensors(),
-        Some(tok_dir),
-        |tmp| {
-            opt.save(&tm.params, &tmp.join("optimizer.safetensors"))?;
-            let p = tmp.join("train_config.toml");
-            std::fs::write(&p, cfg.to_toml()).map_err(io_err(&p))?;
-            // Written last: its presence marks a complete training checkpoint.
-            let p = tmp.join("trainer_state.json");
-            std::fs::write(&p, serde_json::to_string_pretty(state).unwrap()).map_err(io_err(&p))
-        },
-    )
 }
