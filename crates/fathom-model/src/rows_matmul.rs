@@ -17,7 +17,7 @@ use candle_core::{DType, Result, Tensor};
 /// Up to this many rows use the kernel; past it `gemm`'s packing pays for itself.
 pub const MAX_ROWS: usize = 16;
 
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
