@@ -97,30 +97,35 @@ fn rows_times_wt(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f
     y
 }
 
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
 /// The AVX2 kernel: register blocks of 2 rows of x × 4 rows of W, eight independent 8-lane FMA
 /// accumulators (one chain per output would wait on the FMA latency every step), so each loaded
-/// x chunk serves four weight rows and each weight chunk two x rows.
+/// x chunk serves four weight rows and each weight chunk two x rows. An odd last row (a batch of
+/// one: single-stream decode) takes [`one_row_avx2`] instead of being paired with itself.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_times_wt_avx2(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     use std::arch::x86_64::*;
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
     let mut y = vec![0f32; rows * n];
     let k8 = k - k % 8;
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let paired = rows - rows % 2;
     let mut j = 0;
-    while j + 4 <= n {
+    while j + 4 <= n && paired > 0 {
         let wr = [0, 1, 2, 3].map(|q| wp.add((j + q) * k));
         let mut r = 0;
-        while r < rows {
-            let pair = r + 1 < rows;
+        while r < paired {
             let x0 = xp.add(r * k);
-            let x1 = if pair { xp.add((r + 1) * k) } else { x0 };
+            let x1 = xp.add((r + 1) * k);
             let mut a0 = [_mm256_setzero_ps(); 4];
             let mut a1 = [_mm256_setzero_ps(); 4];
             let mut c = 0;
@@ -142,21 +147,67 @@ unsafe fn rows_times_wt_avx2(x: &[f32], rows: usize, w: &[f32], n: usize, k: usi
                     t1 += *x1.add(c) * *wr[q].add(c);
                 }
                 y[r * n + j + q] = t0;
-                if pair {
-                    y[(r + 1) * n + j + q] = t1;
-                }
+                y[(r + 1) * n + j + q] = t1;
             }
             r += 2;
         }
         j += 4;
     }
-    // The last n mod 4 weight rows.
+    // The paired rows' last n mod 4 weight rows.
     for jt in j..n {
-        for r in 0..rows {
+        for r in 0..paired {
             y[r * n + jt] = dot8::<true>(&x[r * k..][..k], &w[jt * k..][..k]);
         }
     }
+    if paired < rows {
+        one_row_avx2(&x[paired * k..][..k], w, n, k, &mut y[paired * n..]);
+    }
     y
+}
+
+/// y [n] = W [n, k] · x [k] for one row: eight weight rows per pass (eight independent FMA
+/// chains, one x load serving all eight), so a batch of one neither waits on the FMA latency nor
+/// computes a duplicate row. Each output is summed in the same order as in the paired kernel
+/// (lanes over chunks, [`hsum`], the k tail), so a row's result does not depend on the batch.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_row_avx2(x: &[f32], w: &[f32], n: usize, k: usize, y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn block<const Q: usize>(x: &[f32], w: &[f32], j: usize, k: usize, y: &mut [f32]) {
+        let k8 = k - k % 8;
+        let xp = x.as_ptr();
+        let wr: [*const f32; Q] = std::array::from_fn(|q| w.as_ptr().add((j + q) * k));
+        let mut acc = [_mm256_setzero_ps(); Q];
+        let mut c = 0;
+        while c < k8 {
+            let v = _mm256_loadu_ps(xp.add(c));
+            for q in 0..Q {
+                acc[q] = _mm256_fmadd_ps(v, _mm256_loadu_ps(wr[q].add(c)), acc[q]);
+            }
+            c += 8;
+        }
+        for q in 0..Q {
+            let mut t = hsum(acc[q]);
+            for c in k8..k {
+                t += *xp.add(c) * *wr[q].add(c);
+            }
+            y[j + q] = t;
+        }
+    }
+    let mut j = 0;
+    while j + 8 <= n {
+        block::<8>(x, w, j, k, y);
+        j += 8;
+    }
+    if j + 4 <= n {
+        block::<4>(x, w, j, k, y);
+        j += 4;
+    }
+    // The last n mod 4 weight rows, as the paired kernel does them.
+    for jt in j..n {
+        y[jt] = dot8::<true>(x, &w[jt * k..][..k]);
+    }
 }
 
 /// x [rows, k] (host f32) · wᵀ for w [n, k] dense f32 on the CPU, not tracking gradients;
@@ -216,8 +267,8 @@ mod tests {
     #[test]
     fn matches_candle_matmul_for_every_row_count() {
         let dev = Device::Cpu;
-        for rows in [1, 3, 16] {
-            for (n, k) in [(7, 13), (64, 160), (130, 48)] {
+        for rows in [1, 2, 3, 16] {
+            for (n, k) in [(7, 13), (64, 160), (130, 48), (19, 8)] {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let got = matmul_rows(&x, &w).unwrap().expect("kernel applies");
@@ -245,6 +296,22 @@ mod tests {
         }
         assert!((dot_portable(&[1., 2., 3.], &[4., 5., 6.]) - 32.0).abs() < 1e-6);
         assert!((dot(&[1.; 19], &[2.; 19]) - 38.0).abs() < 1e-5);
+    }
+
+    /// A row's result does not depend on how many rows share the call (single-stream decode and
+    /// speculative verification must agree bit for bit).
+    #[test]
+    fn one_row_equals_its_row_in_a_batch() {
+        for (n, k) in [(2048, 160), (13, 21), (12, 8), (5, 3)] {
+            let x: Vec<f32> = (0..3 * k).map(|i| (i as f32 * 0.31).sin()).collect();
+            let wv: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
+            let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+            let all = rows_times_weight(&x, 3, &w).unwrap();
+            for r in 0..3 {
+                let one = rows_times_weight(&x[r * k..][..k], 1, &w).unwrap();
+                assert_eq!(one, all[r * n..][..n], "row {r} of {n}×{k}");
+            }
+        }
     }
 
     #[test]
