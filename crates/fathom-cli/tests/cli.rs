@@ -20,6 +20,23 @@ fn fathom(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `fathom chat ARGS` with `input` typed on stdin; asserts it exits cleanly, returns stdout.
+fn chat_with_input(args: &[&str], input: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fathom"))
+        .arg("chat")
+        .args(args)
+        .current_dir(root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "fathom chat {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
 fn reference_ids(fixture: &str, key: &str) -> Vec<u32> {
     let t = candle_core::safetensors::load(
         root()
@@ -109,31 +126,18 @@ fn generate_text_uses_embedded_default_model_and_chat_template() {
 
 #[test]
 fn chat_repl_keeps_history() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fathom"))
-        .args([
-            "chat",
+    let out = chat_with_input(
+        &[
             "--max-tokens",
             "4",
             "--temperature",
             "0",
             "--format",
             "json",
-        ])
-        .current_dir(root())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"Hi\nand again\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        ],
+        b"Hi\nand again\n/exit\n",
+    );
+    let lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -765,23 +769,10 @@ fn post_training_commands_end_to_end() {
 /// Chat shows R1 reasoning apart from the answer.
 #[test]
 fn chat_sets_reasoning_apart_from_the_answer() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fathom"))
-        .args(["chat", "--max-tokens", "12", "--temperature", "0"])
-        .current_dir(root())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"Hi\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = chat_with_input(
+        &["--max-tokens", "12", "--temperature", "0"],
+        b"Hi\n/exit\n",
+    );
     // The default template pre-fills <think>, so what the model writes first is reasoning.
     assert!(text.starts_with("[reasoning]\n"), "{text:?}");
 }

@@ -115,17 +115,14 @@ impl Sampler {
                 Some(_) => probs.len(),
                 None => likeliest_prefix(&mut probs),
             };
-            let mut sorted = true;
+            // The prefix is sorted on entry; each pass that cannot decide sorts a 4× longer one.
             loop {
-                if !sorted {
-                    sort_prefix(&mut probs, m);
-                }
-                sorted = false;
                 let whole = m == probs.len();
                 if let Some(end) = kept_prefix(&probs[..m], total, top_p, min_p, whole) {
                     break end;
                 }
                 m = (m * 4).min(probs.len());
+                sort_prefix(&mut probs, m);
             }
         };
         let mass: f64 = probs[..kept].iter().map(|p| p.1).sum();
@@ -212,12 +209,8 @@ impl Sampler {
         };
         let unfiltered = top_p >= 1.0 && min_p <= 0.0;
         let u = self.rng.random::<f64>();
-        let mut sorted = true;
+        // The prefix is sorted on entry; each pass the walk goes past sorts a 4× longer one.
         loop {
-            if !sorted {
-                sort_prefix(&mut probs, m);
-            }
-            sorted = false;
             let whole = m == probs.len();
             if unfiltered {
                 // Inverse CDF over all candidates: the draw usually lands in the first few.
@@ -243,6 +236,7 @@ impl Sampler {
                 return kept[end - 1].0 as u32;
             }
             m = (m * 4).min(probs.len());
+            sort_prefix(&mut probs, m);
         }
     }
 }
@@ -370,6 +364,29 @@ pub fn argmax(l: &[f64]) -> u32 {
 mod tests {
     use super::*;
 
+    /// The whole vocabulary's tempered weights sorted most likely first (ties by lower id), cut
+    /// to the shortest prefix holding `top_p` of the mass (all of it at 1): the order and set a
+    /// sampler must draw from, computed the slow, obvious way.
+    fn fully_sorted_top_p(logits: &[f32], temperature: f64, top_p: f64) -> Vec<(usize, f64)> {
+        let l: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        let mut p = tempered(&l, temperature);
+        p.sort_by(likelier);
+        if top_p < 1.0 {
+            let total: f64 = p.iter().map(|x| x.1).sum();
+            let mut acc = 0.0;
+            let keep = p
+                .iter()
+                .position(|x| {
+                    acc += x.1;
+                    acc >= top_p * total
+                })
+                .unwrap()
+                + 1;
+            p.truncate(keep);
+        }
+        p
+    }
+
     fn counts(params: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
         let mut s = Sampler::new(params);
         let mut c = vec![0; logits.len()];
@@ -468,26 +485,7 @@ mod tests {
                 ..Default::default()
             };
             // Reference: sort everything, cut by top-p mass then min-p, renormalise.
-            let mut p: Vec<(usize, f64)> = logits
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| (i, (x as f64).exp()))
-                .collect();
-            p.sort_by(likelier);
-            let total: f64 = p.iter().map(|x| x.1).sum();
-            let mut keep = p.len();
-            if top_p < 1.0 {
-                let mut acc = 0.0;
-                keep = p
-                    .iter()
-                    .position(|x| {
-                        acc += x.1 / total;
-                        acc >= top_p
-                    })
-                    .unwrap()
-                    + 1;
-            }
-            p.truncate(keep);
+            let mut p = fully_sorted_top_p(&logits, 1.0, top_p);
             let top = p[0].1;
             p.retain(|x| x.1 >= min_p * top);
             assert!(
@@ -544,25 +542,9 @@ mod tests {
             };
             let mut s = Sampler::new(params.clone());
             let mut draws = StdRng::seed_from_u64(11);
-            let mut full = tempered(
-                &logits.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-                temperature,
-            );
-            full.sort_by(likelier);
-            let total: f64 = full.iter().map(|p| p.1).sum();
-            let mut cut = full.len();
-            if top_p < 1.0 {
-                let mut acc = 0.0;
-                cut = full
-                    .iter()
-                    .position(|p| {
-                        acc += p.1;
-                        acc >= top_p * total
-                    })
-                    .unwrap()
-                    + 1;
-            }
-            let kept = &full[..cut];
+            let full = fully_sorted_top_p(&logits, temperature, 1.0);
+            let kept = fully_sorted_top_p(&logits, temperature, top_p);
+            let cut = kept.len();
             let mass: f64 = kept.iter().map(|p| p.1).sum();
             let first_prefix = {
                 let mut probs = full.clone();

@@ -330,6 +330,7 @@ unsafe fn score_block<const HB: usize>(
     scale: f32,
     scores: &mut [f32],
 ) {
+    use crate::rows_matmul::hsum;
     use std::arch::x86_64::*;
     // Σ over one part (the nope/latent part, then the rope part) into the accumulators.
     #[inline(always)]
@@ -360,13 +361,6 @@ unsafe fn score_block<const HB: usize>(
                 tail[1][h] += qv * *k1.add(c);
             }
         }
-    }
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
     let (dk, dr) = (g.dk, g.dr);
     let qp = q.as_ptr().add(h0 * dk);

@@ -97,9 +97,10 @@ fn rows_times_wt(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f
     y
 }
 
+/// The sum of a vector's eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
