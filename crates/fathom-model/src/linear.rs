@@ -162,6 +162,17 @@ impl Linear {
         }
     }
 
+    /// Output width (rows of W).
+    pub fn out_features(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.dims()[0],
+            Weight::Quantized { matmul, .. } => match matmul {
+                QMatMul::QTensor(q) => q.shape().dims()[0],
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
+            },
+        }
+    }
+
     /// The dense weight, when not quantised (training reads it).
     pub fn dense(&self) -> Option<&Tensor> {
         match &self.weight {

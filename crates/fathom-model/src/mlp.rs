@@ -44,6 +44,11 @@ impl Mlp {
         self.down_proj.forward(&(g * u)?)
     }
 
+    /// The hidden (intermediate) width: rows of gate_proj.
+    pub fn intermediate_size(&self) -> usize {
+        self.gate_proj.out_features()
+    }
+
     /// The same block for a few host rows x [rows, hidden] in one pass (decode; inference only):
     /// `None` unless all three projections are dense f32 without bias and not trained.
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {

@@ -265,24 +265,41 @@ impl Moe {
         }
         let xs: Vec<f32> = flat.flatten_all()?.to_vec1()?;
         let gate_w: Vec<f32> = routing.weights.flatten_all()?.to_vec1()?;
+        let active: Vec<usize> = (0..per_expert.len())
+            .filter(|&e| !per_expert[e].0.is_empty())
+            .collect();
+        // Each active expert's SwiGLU on its gathered tokens, experts split over the pool's
+        // threads (at 16 sequences nearly every expert runs; each is too small to split alone).
+        let outputs: Vec<std::sync::Mutex<Option<Vec<f32>>>> =
+            active.iter().map(|_| Default::default()).collect();
+        let work: usize = active
+            .iter()
+            .map(|&e| per_expert[e].0.len() * 3 * d * self.experts[e].intermediate_size())
+            .sum();
+        crate::parallel::for_chunks(active.len(), work, |chunk| {
+            let mut rows = Vec::new();
+            for i in chunk {
+                let (e, tokens) = (active[i], &per_expert[active[i]].0);
+                rows.clear();
+                for &t in tokens {
+                    rows.extend_from_slice(&xs[t as usize * d..][..d]);
+                }
+                let y = self.experts[e].forward_host(&rows, tokens.len());
+                *outputs[i].lock().expect("no thread panicked holding it") = y;
+            }
+        });
+        // Gate-weighted sum in expert order, as a serial pass would add them.
         let mut out = vec![0f32; n * d];
-        let mut rows = Vec::new();
-        for (e, (tokens, slots)) in per_expert.iter().enumerate() {
-            if tokens.is_empty() {
-                continue;
-            }
-            rows.clear();
-            for &t in tokens {
-                rows.extend_from_slice(&xs[t as usize * d..][..d]);
-            }
-            let Some(y) = self.experts[e].forward_host(&rows, tokens.len()) else {
+        for (i, &e) in active.iter().enumerate() {
+            let Some(y) = outputs[i].lock().expect("region finished").take() else {
                 return Ok(None);
             };
-            for (i, (&t, &slot)) in tokens.iter().zip(slots).enumerate() {
+            let (tokens, slots) = &per_expert[e];
+            for (r, (&t, &slot)) in tokens.iter().zip(slots).enumerate() {
                 axpy(
                     &mut out[t as usize * d..][..d],
                     gate_w[slot as usize],
-                    &y[i * d..][..d],
+                    &y[r * d..][..d],
                 );
             }
         }

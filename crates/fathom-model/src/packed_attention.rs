@@ -13,6 +13,7 @@
 //! path on other devices and dtypes. Inference only (no backward).
 
 use crate::cache::{LayerCache, Segment, SeqBuffer};
+use crate::parallel::{for_chunks, SharedOut};
 use crate::rows_matmul::{avx2_fma, axpy, dot};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use std::ops::Deref;
@@ -180,17 +181,12 @@ pub fn packed_cached_attention(
         None => (Vec::new(), 0),
     };
     let scale = scale as f32;
-    let mut out: Option<(usize, Vec<f32>)> = None;
-    let mut scores: Vec<f32> = Vec::new();
+    // Every segment's buffers, checked, before any thread reads them.
+    let mut raws = Vec::with_capacity(views.len());
     for (seg, view) in segments.iter().zip(views) {
         let keys = Raw::new(view.keys)?;
         let values = Raw::new(view.values)?;
         let rope_keys = view.rope_keys.map(Raw::new).transpose()?;
-        let (kd, vd) = (keys.slice()?, values.slice()?);
-        let rd = match &rope_keys {
-            Some(r) => Some(r.slice()?),
-            None => None,
-        };
         let t = view.keys.len();
         if keys.dim != dk || seg.offset + seg.len > t || seg.start + seg.len > rows {
             candle_core::bail!(
@@ -204,8 +200,6 @@ pub fn packed_cached_attention(
                 keys.groups
             )
         }
-        let rep = heads / keys.groups;
-        let dv = values.dim;
         let rope_dim = rope_keys.as_ref().map_or(0, |r| r.dim);
         if rope_dim != dr || values.groups != keys.groups {
             candle_core::bail!(
@@ -215,51 +209,132 @@ pub fn packed_cached_attention(
                 keys.groups
             )
         }
-        let (_, o) = out.get_or_insert_with(|| (dv, vec![0f32; rows * heads * dv]));
-        for i in 0..seg.len {
+        raws.push((keys, values, rope_keys));
+    }
+    let Some(dv) = raws.first().map(|(_, v, _)| v.dim) else {
+        return Tensor::from_vec(Vec::<f32>::new(), (rows, heads, 0), q.device());
+    };
+    let mut caches = Vec::with_capacity(raws.len());
+    for (keys, values, rope_keys) in &raws {
+        if values.dim != dv {
+            candle_core::bail!(
+                "packed attention: value widths {} and {dv} differ",
+                values.dim
+            )
+        }
+        caches.push(SegmentCache {
+            keys,
+            values,
+            rope_keys: rope_keys.as_ref(),
+            kd: keys.slice()?,
+            vd: values.slice()?,
+            rd: match rope_keys {
+                Some(r) => r.slice()?,
+                None => &[],
+            },
+        });
+    }
+    // One item per packed row; rows write disjoint slices of the output, so they split over the
+    // pool's threads (each output summed exactly as serially).
+    let items: Vec<(usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(s, seg)| (0..seg.len).map(move |i| (s, i)))
+        .collect();
+    let work: usize = items
+        .iter()
+        .map(|&(s, i)| (segments[s].offset + i + 1) * heads * (dk + dr + dv))
+        .sum();
+    let mut o = vec![0f32; rows * heads * dv];
+    let out = SharedOut(o.as_mut_ptr());
+    for_chunks(items.len(), work, |chunk| {
+        let mut scores: Vec<f32> = Vec::new();
+        for &(s, i) in &items[chunk] {
+            let (seg, c) = (&segments[s], &caches[s]);
             let row = seg.start + i;
-            let visible = seg.offset + i + 1;
-            scores.resize(rep * visible, 0.0);
-            for g in 0..keys.groups {
-                let h0 = row * heads + g * rep;
-                let group = GroupRows {
-                    keys: &kd[keys.at(g)..][..visible * dk],
-                    rope_keys: match (&rope_keys, rd) {
-                        (Some(r), Some(d)) => &d[r.at(g)..][..visible * dr],
-                        _ => &[],
-                    },
-                    values: &vd[values.at(g)..][..visible * dv],
-                    dk,
-                    dr,
-                };
-                group_scores(
-                    &qv[h0 * dk..][..rep * dk],
-                    if dr > 0 {
-                        &qr[h0 * dr..][..rep * dr]
-                    } else {
-                        &[]
-                    },
-                    &group,
-                    scale,
-                    &mut scores,
-                );
-                for (hh, s) in scores.chunks_exact_mut(visible).enumerate() {
-                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    for v in s.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    let oh = &mut o[(h0 + hh) * dv..][..dv];
-                    weighted_sum(s, group.values, dv, oh);
-                    let inv = 1.0 / sum;
-                    oh.iter_mut().for_each(|x| *x *= inv);
-                }
+            // SAFETY: this item alone writes packed row `row` of the output.
+            let o_row =
+                unsafe { std::slice::from_raw_parts_mut(out.at(row * heads * dv), heads * dv) };
+            attend_row(
+                &qv,
+                &qr,
+                heads,
+                row,
+                seg.offset + i + 1,
+                c,
+                scale,
+                &mut scores,
+                o_row,
+            );
+        }
+    });
+    Tensor::from_vec(o, (rows, heads, dv), q.device())
+}
+
+/// One segment's cache buffers as the rows read them.
+struct SegmentCache<'a> {
+    keys: &'a Raw<'a>,
+    values: &'a Raw<'a>,
+    rope_keys: Option<&'a Raw<'a>>,
+    kd: &'a [f32],
+    vd: &'a [f32],
+    rd: &'a [f32],
+}
+
+/// Packed row `row` (all heads) over its first `visible` cached positions: softmax(q·kᵀ·scale)·v
+/// per head into `o_row` [H, dv].
+#[allow(clippy::too_many_arguments)]
+fn attend_row(
+    qv: &[f32],
+    qr: &[f32],
+    heads: usize,
+    row: usize,
+    visible: usize,
+    c: &SegmentCache,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o_row: &mut [f32],
+) {
+    let (dk, dv) = (c.keys.dim, c.values.dim);
+    let dr = c.rope_keys.map_or(0, |r| r.dim);
+    let rep = heads / c.keys.groups;
+    scores.resize(rep * visible, 0.0);
+    for g in 0..c.keys.groups {
+        let h0 = row * heads + g * rep;
+        let group = GroupRows {
+            keys: &c.kd[c.keys.at(g)..][..visible * dk],
+            rope_keys: match c.rope_keys {
+                Some(r) => &c.rd[r.at(g)..][..visible * dr],
+                None => &[],
+            },
+            values: &c.vd[c.values.at(g)..][..visible * dv],
+            dk,
+            dr,
+        };
+        group_scores(
+            &qv[h0 * dk..][..rep * dk],
+            if dr > 0 {
+                &qr[h0 * dr..][..rep * dr]
+            } else {
+                &[]
+            },
+            &group,
+            scale,
+            scores,
+        );
+        for (hh, s) in scores.chunks_exact_mut(visible).enumerate() {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in s.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
             }
+            let oh = &mut o_row[(g * rep + hh) * dv..][..dv];
+            weighted_sum(s, group.values, dv, oh);
+            let inv = 1.0 / sum;
+            oh.iter_mut().for_each(|x| *x *= inv);
         }
     }
-    let (dv, o) = out.unwrap_or((0, Vec::new()));
-    Tensor::from_vec(o, (rows, heads, dv), q.device())
 }
 
 /// One kv group's cached rows for the visible positions: keys [t, dk], rope keys [t, dr] (empty

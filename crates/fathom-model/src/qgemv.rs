@@ -7,8 +7,9 @@
 //! rows per pass share each activation load and keep four independent accumulators (latency
 //! hidden), weight scales convert with an inline F16C instruction instead of a runtime-dispatched
 //! call per block, activation scales stay f32, and rows are split over candle's barrier pool in
-//! chunks. Falls back (returns `None`) on other formats or CPUs.
+//! chunks ([`crate::parallel`]). Falls back (returns `None`) on other formats or CPUs.
 
+use crate::parallel::SharedOut;
 use candle_core::quantized::{GgmlDType, QTensor};
 
 const QK: usize = 32;
@@ -89,25 +90,9 @@ pub fn gemv(w: &QTensor, x: &[f32], rows: usize) -> Option<Vec<f32>> {
                 }
             }
         };
-        if groups * k >= 1 << 13 {
-            candle_core::utils::barrier_pool().execute_chunked(groups, run);
-        } else {
-            run(0..groups);
-        }
+        crate::parallel::for_chunks(groups, n * k, run);
     }
     Some(out)
-}
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: threads write disjoint indices (see `gemv`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers pass i < the row length they own.
-        unsafe { self.0.add(i) }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -12,6 +12,7 @@
 //! (runtime-detected), else in portable Rust; f32 sums in a different order than `gemm`'s, so
 //! results agree to rounding (tested).
 
+use crate::parallel::{for_chunks, SharedOut};
 use candle_core::{DType, Result, Tensor};
 
 /// Up to this many rows use the kernel; past it `gemm`'s packing pays for itself.
@@ -81,20 +82,30 @@ pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     }
 }
 
-/// y [rows, n] = x [rows, k] · W[n, k]ᵀ in portable Rust (CPUs without AVX2/FMA).
-fn rows_times_wt(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut y = vec![0f32; rows * n];
+/// y [rows, n] = x [rows, k] · W[n, k]ᵀ in portable Rust (CPUs without AVX2/FMA); output (r, j)
+/// goes to `out` + r·ld + j.
+///
+/// # Safety
+/// `out` covers rows × ld floats (ld ≥ n) that no other thread writes meanwhile.
+unsafe fn rows_times_wt(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    out: SharedOut,
+    ld: usize,
+) {
     // Weight rows in blocks that stay in L1 (4 × k floats) while every x row passes over them.
     for j0 in (0..n).step_by(4) {
         let j1 = (j0 + 4).min(n);
         for r in 0..rows {
             let xr = &x[r * k..(r + 1) * k];
             for j in j0..j1 {
-                y[r * n + j] = dot_portable(xr, &w[j * k..(j + 1) * k]);
+                *out.at(r * ld + j) = dot_portable(xr, &w[j * k..(j + 1) * k]);
             }
         }
     }
-    y
 }
 
 /// The sum of a vector's eight lanes.
@@ -111,12 +122,23 @@ pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 /// The AVX2 kernel: register blocks of 2 rows of x × 4 rows of W, eight independent 8-lane FMA
 /// accumulators (one chain per output would wait on the FMA latency every step), so each loaded
 /// x chunk serves four weight rows and each weight chunk two x rows. An odd last row (a batch of
-/// one: single-stream decode) takes [`one_row_avx2`] instead of being paired with itself.
+/// one: single-stream decode) takes [`one_row_avx2`] instead of being paired with itself. Output
+/// (r, j) goes to `out` + r·ld + j.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `out` covers rows × ld floats (ld ≥ n) no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_times_wt_avx2(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+unsafe fn rows_times_wt_avx2(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    out: SharedOut,
+    ld: usize,
+) {
     use std::arch::x86_64::*;
-    let mut y = vec![0f32; rows * n];
     let k8 = k - k % 8;
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let paired = rows - rows % 2;
@@ -147,8 +169,8 @@ unsafe fn rows_times_wt_avx2(x: &[f32], rows: usize, w: &[f32], n: usize, k: usi
                     t0 += *x0.add(c) * *wr[q].add(c);
                     t1 += *x1.add(c) * *wr[q].add(c);
                 }
-                y[r * n + j + q] = t0;
-                y[(r + 1) * n + j + q] = t1;
+                *out.at(r * ld + j + q) = t0;
+                *out.at((r + 1) * ld + j + q) = t1;
             }
             r += 2;
         }
@@ -157,13 +179,13 @@ unsafe fn rows_times_wt_avx2(x: &[f32], rows: usize, w: &[f32], n: usize, k: usi
     // The paired rows' last n mod 4 weight rows.
     for jt in j..n {
         for r in 0..paired {
-            y[r * n + jt] = dot8::<true>(&x[r * k..][..k], &w[jt * k..][..k]);
+            *out.at(r * ld + jt) = dot8::<true>(&x[r * k..][..k], &w[jt * k..][..k]);
         }
     }
     if paired < rows {
-        one_row_avx2(&x[paired * k..][..k], w, n, k, &mut y[paired * n..]);
+        let y = std::slice::from_raw_parts_mut(out.at(paired * ld), n);
+        one_row_avx2(&x[paired * k..][..k], w, n, k, y);
     }
-    y
 }
 
 /// y [n] = W [n, k] · x [k] for one row: eight weight rows per pass (eight independent FMA
@@ -228,12 +250,25 @@ pub fn rows_times_weight(x: &[f32], rows: usize, w: &Tensor) -> Option<Vec<f32>>
         return None;
     };
     let ws = &data[a..b];
-    #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at runtime).
-        return Some(unsafe { rows_times_wt_avx2(x, rows, ws, n, k) });
-    }
-    Some(rows_times_wt(x, rows, ws, n, k))
+    let mut y = vec![0f32; rows * n];
+    let out = SharedOut(y.as_mut_ptr());
+    // Threads take disjoint blocks of 8 weight rows, i.e. disjoint columns of y. Block edges are
+    // multiples of 8, so every output is summed by the same kernel path as in one serial call.
+    for_chunks(n.div_ceil(8), rows * n * k, |blocks| {
+        let (j0, j1) = (blocks.start * 8, (blocks.end * 8).min(n));
+        let w_block = &ws[j0 * k..j1 * k];
+        // SAFETY: this chunk alone writes columns j0..j1 of y's rows.
+        let block_out = SharedOut(unsafe { out.at(j0) });
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at runtime); see above for `block_out`.
+            unsafe { rows_times_wt_avx2(x, rows, w_block, j1 - j0, k, block_out, n) };
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { rows_times_wt(x, rows, w_block, j1 - j0, k, block_out, n) };
+    });
+    Some(y)
 }
 
 /// Whether x (f32 on the CPU, not tracking gradients, at most [`MAX_ROWS`] rows) suits the kernel.
@@ -289,7 +324,9 @@ mod tests {
         let (rows, n, k) = (3, 7, 13);
         let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.7).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.3).cos()).collect();
-        let y = rows_times_wt(&x, rows, &w, n, k);
+        let mut y = vec![0f32; rows * n];
+        // SAFETY: y holds rows × n floats.
+        unsafe { rows_times_wt(&x, rows, &w, n, k, SharedOut(y.as_mut_ptr()), n) };
         let wt = Tensor::from_vec(w, (n, k), &dev).unwrap();
         let via_avx = rows_times_weight(&x, rows, &wt).unwrap();
         for (a, b) in y.iter().zip(&via_avx) {
@@ -311,6 +348,36 @@ mod tests {
             for r in 0..3 {
                 let one = rows_times_weight(&x[r * k..][..k], 1, &w).unwrap();
                 assert_eq!(one, all[r * n..][..n], "row {r} of {n}×{k}");
+            }
+        }
+    }
+
+    /// Split over the pool's threads (blocks of 8 weight rows), every output equals one serial
+    /// call's bit for bit.
+    #[test]
+    fn split_over_threads_equals_one_serial_call() {
+        for rows in [1, 2, 3, 16] {
+            for (n, k) in [(2051, 40), (1000, 96)] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).sin()).collect();
+                let wv: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+                let mut serial = vec![0f32; rows * n];
+                let out = SharedOut(serial.as_mut_ptr());
+                #[cfg(target_arch = "x86_64")]
+                if avx2_fma() {
+                    // SAFETY: CPU features checked; `serial` holds rows × n floats.
+                    unsafe { rows_times_wt_avx2(&x, rows, &wv, n, k, out, n) };
+                } else {
+                    // SAFETY: as above.
+                    unsafe { rows_times_wt(&x, rows, &wv, n, k, out, n) };
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                // SAFETY: as above.
+                unsafe {
+                    rows_times_wt(&x, rows, &wv, n, k, out, n)
+                };
+                let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+                let split = rows_times_weight(&x, rows, &w).unwrap();
+                assert_eq!(split, serial, "{rows} rows, {n}×{k}");
             }
         }
     }
