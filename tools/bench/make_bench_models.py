@@ -8,14 +8,16 @@ tokenizer (vocab padded to 16384, as real checkpoints pad):
   qwen2-150m Qwen2: 16 layers, hidden 896, 14 heads / 2 KV heads, MLP 2432, tied embeddings.
 
 Run:  python tools/bench/make_bench_models.py --out runs/bench-models   (needs torch, transformers)
+      python tools/bench/make_bench_models.py --only qwen2-150m --numpy  (numpy only: the Qwen2
+      model written straight to safetensors, f32, same shapes and init; no transformers check)
 """
 
 import argparse
 import os
 import shutil
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import json
+import struct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 16384
@@ -40,6 +42,9 @@ QWEN2 = dict(
 
 
 def build(spec, out):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     torch.manual_seed(0)
     spec = dict(spec)
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -60,12 +65,74 @@ def build(spec, out):
     print(f"{out}: {n / 1e6:.1f}M params")
 
 
+def qwen2_tensors(c):
+    """(name, shape, is_bias_or_norm) in Hugging Face Qwen2 naming (tied embeddings)."""
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    yield "model.embed_tokens.weight", (c["vocab_size"], h), False
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_proj.weight", (h, h), False
+        yield p + "self_attn.q_proj.bias", (h,), True
+        yield p + "self_attn.k_proj.weight", (kv, h), False
+        yield p + "self_attn.k_proj.bias", (kv,), True
+        yield p + "self_attn.v_proj.weight", (kv, h), False
+        yield p + "self_attn.v_proj.bias", (kv,), True
+        yield p + "self_attn.o_proj.weight", (h, h), False
+        yield p + "mlp.gate_proj.weight", (c["intermediate_size"], h), False
+        yield p + "mlp.up_proj.weight", (c["intermediate_size"], h), False
+        yield p + "mlp.down_proj.weight", (h, c["intermediate_size"]), False
+        yield p + "input_layernorm.weight", (h,), True
+        yield p + "post_attention_layernorm.weight", (h,), True
+    yield "model.norm.weight", (h,), True
+
+
+def build_qwen2_numpy(out):
+    """The Qwen2 model without torch: N(0, 0.02) matrices, zero biases, unit norms, f32."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, shape, small in qwen2_tensors(QWEN2):
+        if small:
+            arrays[name] = np.ones(shape, np.float32) if "norm" in name else np.zeros(shape, np.float32)
+        else:
+            arrays[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+    header, offset = {}, 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays.values():
+            f.write(a.tobytes())
+    cfg = dict(QWEN2, torch_dtype="float32", hidden_act="silu", initializer_range=0.02)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(os.path.join(ROOT, "models", "default", name), os.path.join(out, name))
+    n = sum(a.size for a in arrays.values())
+    print(f"{out}: {n / 1e6:.1f}M params (numpy, f32)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-models"))
+    ap.add_argument("--only", choices=["v3-210m", "qwen2-150m"], default=None)
+    ap.add_argument("--numpy", action="store_true", help="Qwen2 only, without torch/transformers")
     a = ap.parse_args()
-    build(V3, os.path.join(a.out, "v3-210m"))
-    build(QWEN2, os.path.join(a.out, "qwen2-150m"))
+    if a.numpy:
+        if a.only != "qwen2-150m":
+            ap.error("--numpy builds only --only qwen2-150m")
+        build_qwen2_numpy(os.path.join(a.out, "qwen2-150m"))
+        return
+    if a.only in (None, "v3-210m"):
+        build(V3, os.path.join(a.out, "v3-210m"))
+    if a.only in (None, "qwen2-150m"):
+        build(QWEN2, os.path.join(a.out, "qwen2-150m"))
 
 
 if __name__ == "__main__":
