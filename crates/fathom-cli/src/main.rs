@@ -784,17 +784,15 @@ fn main() {
         // would oversubscribe (tools/bench/train_speed.py). Set before candle's pools start.
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
-    if let Command::Bench(b) = &cli.cmd {
-        if let Some(n) = b.threads {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
-    }
-    if let Command::Serve(a) = &cli.cmd {
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() || a.threads.is_some() {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let n = a.threads.unwrap_or(cores.saturating_sub(1).max(1));
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
+    // Kernel threads for bench and serve (candle's pool, sized once, before any model code runs);
+    // unset, candle uses every core.
+    let kernel_threads = match &cli.cmd {
+        Command::Bench(b) => b.threads,
+        Command::Serve(a) => a.threads,
+        _ => None,
+    };
+    if let Some(n) = kernel_threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let r = match cli.cmd {
         Command::Generate(a) => cmd_generate(a),

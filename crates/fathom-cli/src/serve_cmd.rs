@@ -48,8 +48,8 @@ pub struct ServeArgs {
     /// max_tokens for requests that give none (capped by the context left).
     #[arg(long, default_value_t = 4096)]
     default_max_tokens: usize,
-    /// Threads for the model's matmuls (default: cores − 1, leaving one for HTTP and clients;
-    /// on 2 cores 1 thread serves 5.9× more tokens/s than 2, docs/benchmarks.md).
+    /// Threads for the model's kernels (default: all cores; on 2 cores a weight-bound model serves
+    /// 35–50 % more tokens/s with 2 than with 1, the tiny default model ~6 % less: docs/serving.md).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Quantise projection weights while loading: q8_0, q6_k, q4_k, q4_0.
