@@ -260,17 +260,31 @@ pub fn rows_times_weight(x: &[f32], rows: usize, w: &Tensor) -> Option<Vec<f32>>
         let (j0, j1) = (blocks.start * 8, (blocks.end * 8).min(n));
         let w_block = &ws[j0 * k..j1 * k];
         // SAFETY: this chunk alone writes columns j0..j1 of y's rows.
-        let block_out = SharedOut(unsafe { out.at(j0) });
-        #[cfg(target_arch = "x86_64")]
-        if avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked at runtime); see above for `block_out`.
-            unsafe { rows_times_wt_avx2(x, rows, w_block, j1 - j0, k, block_out, n) };
-            return;
-        }
-        // SAFETY: as above.
-        unsafe { rows_times_wt(x, rows, w_block, j1 - j0, k, block_out, n) };
+        unsafe { rows_times_wt_into(x, rows, w_block, j1 - j0, k, SharedOut(out.at(j0)), n) };
     });
     Some(y)
+}
+
+/// y [rows, n] = x [rows, k] · W[n, k]ᵀ into `out` + r·ld + j, by the AVX2 kernel when the CPU has
+/// AVX2 and FMA (checked at runtime), else the portable one.
+///
+/// # Safety
+/// `out` covers rows × ld floats (ld ≥ n) that no other thread writes meanwhile.
+unsafe fn rows_times_wt_into(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    out: SharedOut,
+    ld: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        rows_times_wt_avx2(x, rows, w, n, k, out, ld);
+        return;
+    }
+    rows_times_wt(x, rows, w, n, k, out, ld)
 }
 
 /// Whether x (f32 on the CPU, not tracking gradients, at most [`MAX_ROWS`] rows) suits the kernel.
@@ -363,19 +377,9 @@ mod tests {
                 let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).sin()).collect();
                 let wv: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
                 let mut serial = vec![0f32; rows * n];
-                let out = SharedOut(serial.as_mut_ptr());
-                #[cfg(target_arch = "x86_64")]
-                if avx2_fma() {
-                    // SAFETY: CPU features checked; `serial` holds rows × n floats.
-                    unsafe { rows_times_wt_avx2(&x, rows, &wv, n, k, out, n) };
-                } else {
-                    // SAFETY: as above.
-                    unsafe { rows_times_wt(&x, rows, &wv, n, k, out, n) };
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                // SAFETY: as above.
+                // SAFETY: `serial` holds rows × n floats.
                 unsafe {
-                    rows_times_wt(&x, rows, &wv, n, k, out, n)
+                    rows_times_wt_into(&x, rows, &wv, n, k, SharedOut(serial.as_mut_ptr()), n)
                 };
                 let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
                 let split = rows_times_weight(&x, rows, &w).unwrap();
