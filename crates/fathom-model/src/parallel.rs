@@ -13,7 +13,8 @@ use std::cell::Cell;
 use std::ops::Range;
 
 /// Multiply-adds below which a kernel runs serially: at ~10–20 GFLOP/s a split this size saves
-/// ~10 µs, several times the pool's hand-off (measured: `fathom bench --batch 16 --threads 2`).
+/// ~10 µs, several times the pool's hand-off. An estimate, not tuned by a sweep; with it
+/// `fathom bench --batch 16 --threads 2` beat `--threads 1` at one and at 16 sequences.
 pub const MIN_SPLIT_WORK: usize = 1 << 16;
 
 thread_local! {
