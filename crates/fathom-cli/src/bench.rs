@@ -1,7 +1,7 @@
 //! `fathom bench`: prefill and decode throughput of one model, llama-bench style (pp/tg), with
 //! time to first token, peak resident memory and KV-cache bytes per token.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use fathom_model::{CausalLm, KvCache, Segment};
@@ -49,26 +49,72 @@ pub struct BenchArgs {
     /// Tokens the MTP module drafts per step in the speculative measurement.
     #[arg(long, default_value_t = fathom_engine::DEFAULT_DRAFT_TOKENS)]
     draft_tokens: usize,
+    /// Measure speculation over these prompts instead of the one built-in text: a JSONL file
+    /// whose lines carry `"prompt"` (as `fathom tasks --style problems` writes), each sent as a
+    /// user turn through the chat template (plain text without one) and decoded greedily to
+    /// end-of-sequence or `--gen-tokens`. Tok/s is summed over all prompts, with and without MTP.
+    #[arg(long)]
+    spec_prompts: Option<PathBuf>,
 }
 
-/// Greedy decode of `n` tokens through `generate` (the path `fathom generate` runs), with
-/// `draft_tokens` MTP drafts per step (0 = plain): (tok/s, the draft statistics).
+/// Greedy decode through `generate` up to `n` tokens, stopping at any of `eos_ids` (none: never):
+/// (tokens, decode seconds, the draft statistics).
 fn timed_generate(
     model: &CausalLm,
     prompt: &[u32],
     n: usize,
+    eos_ids: &[u32],
     draft_tokens: usize,
-) -> Result<(f64, Option<fathom_engine::SpecStats>)> {
+) -> Result<(usize, f64, Option<fathom_engine::SpecStats>)> {
     let opts = fathom_engine::GenerateOptions {
         params: fathom_engine::SamplingParams::default(),
         max_tokens: n,
         stop: &[],
-        ignore_eos: true,
-        eos_ids: &[],
+        ignore_eos: eos_ids.is_empty(),
+        eos_ids,
         draft_tokens,
     };
     let g = fathom_engine::generate(model, None, prompt, &opts, &mut |_| {})?;
-    Ok((g.token_ids.len() as f64 / g.decode_secs.max(1e-9), g.spec))
+    Ok((g.token_ids.len(), g.decode_secs, g.spec))
+}
+
+/// The prompts of `--spec-prompts`: each line's `"prompt"` as a user turn through the chat
+/// template (encoded as plain text when the model has none), with the end-of-sequence ids.
+fn spec_prompt_ids(
+    dir: &std::path::Path,
+    file: &std::path::Path,
+) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    let tok = fathom_core::TextTokenizer::from_dir(dir).with_context(|| {
+        format!(
+            "{}: --spec-prompts needs the model's tokenizer",
+            dir.display()
+        )
+    })?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading --spec-prompts {}", file.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", file.display(), i + 1))?;
+        let Some(p) = v.get("prompt").and_then(|p| p.as_str()) else {
+            bail!("{}:{}: no \"prompt\" string", file.display(), i + 1);
+        };
+        let ids = if tok.chat_template.is_some() {
+            tok.apply_chat_template(&json!([{"role": "user", "content": p}]), None, true)?
+                .1
+        } else {
+            tok.encode(p, true)?
+        };
+        prompts.push(ids);
+    }
+    if prompts.is_empty() {
+        bail!("{}: no prompts", file.display());
+    }
+    Ok((prompts, tok.eos_ids.clone()))
 }
 
 /// Sustained read bandwidth of this machine, GB/s: `threads` workers summing disjoint halves of a
@@ -192,6 +238,11 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
             a.gen_tokens
         );
     }
+    // Read before the timed parts, so a bad file fails at once.
+    let spec_file_prompts = match &a.spec_prompts {
+        Some(file) => Some(spec_prompt_ids(&dir, file)?),
+        None => None,
+    };
     let vocab = model.cfg.vocab_size as u32;
     // A fixed pseudo-random prompt: the speed does not depend on the text.
     let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
@@ -242,22 +293,52 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     // MTP speculative decoding against the same generate loop without it, side by side, from a
     // text prompt when the model has a tokenizer (draft acceptance depends on real text).
     let mut spec = None;
+    let mut spec_prompt_count = 0;
     if !a.no_spec && a.draft_tokens > 0 && !model.mtp.is_empty() {
-        let text_prompt = fathom_core::TextTokenizer::from_dir(&dir)
-            .ok()
-            .and_then(|t| t.encode(SPEC_PROMPT, true).ok())
-            .filter(|ids| !ids.is_empty() && ids.len() + a.gen_tokens < max)
-            .unwrap_or_else(|| prompt[..prompt.len().min(16)].to_vec());
+        let (prompts, eos_ids) = match spec_file_prompts {
+            Some(p) => p,
+            None => {
+                let text_prompt = fathom_core::TextTokenizer::from_dir(&dir)
+                    .ok()
+                    .and_then(|t| t.encode(SPEC_PROMPT, true).ok())
+                    .filter(|ids| !ids.is_empty())
+                    .unwrap_or_else(|| prompt[..prompt.len().min(16)].to_vec());
+                (vec![text_prompt], vec![])
+            }
+        };
+        if let Some(p) = prompts.iter().find(|p| p.len() + a.gen_tokens >= max) {
+            bail!(
+                "a speculation prompt of {} tokens + --gen-tokens {} exceeds the model's max_position_embeddings {max}",
+                p.len(),
+                a.gen_tokens
+            );
+        }
+        // Each pass decodes every prompt plainly then speculatively (greedy: the same tokens);
+        // tok/s = tokens summed over the prompts / decode seconds summed; best pass reported.
         let (mut plain, mut fast, mut stats) = (0f64, 0f64, None);
         for _ in 0..a.repeat.max(1) {
-            plain = plain.max(timed_generate(&model, &text_prompt, a.gen_tokens, 0)?.0);
-            let (tok_s, s) = timed_generate(&model, &text_prompt, a.gen_tokens, a.draft_tokens)?;
+            let (mut tokens, mut plain_s, mut spec_s) = (0usize, 0f64, 0f64);
+            let mut pass_stats = fathom_engine::SpecStats::default();
+            for p in &prompts {
+                let (n, secs, _) = timed_generate(&model, p, a.gen_tokens, &eos_ids, 0)?;
+                let (_, fast_secs, s) =
+                    timed_generate(&model, p, a.gen_tokens, &eos_ids, a.draft_tokens)?;
+                tokens += n;
+                plain_s += secs;
+                spec_s += fast_secs;
+                if let Some(s) = s {
+                    pass_stats.merge(&s);
+                }
+            }
+            plain = plain.max(tokens as f64 / plain_s.max(1e-9));
+            let tok_s = tokens as f64 / spec_s.max(1e-9);
             if tok_s > fast {
                 fast = tok_s;
-                stats = s;
+                stats = Some(pass_stats);
             }
         }
         spec = stats.map(|s| (plain, fast, s));
+        spec_prompt_count = prompts.len();
     }
     let threads = candle_core::utils::get_num_threads();
     let (total, active) = model.param_counts();
@@ -297,6 +378,7 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "spec_speedup": spec.as_ref().map(|s| s.1 / s.0),
         "mtp_acceptance": spec.as_ref().map(|s| s.2.acceptance()),
         "mtp_tokens_per_step": spec.as_ref().map(|s| s.2.tokens_per_step()),
+        "spec_prompts": spec.as_ref().map(|_| spec_prompt_count),
     });
     if a.json || a.format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -333,9 +415,13 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         );
         if let Some((plain, fast, stats)) = &spec {
             println!(
-                "mtp     {fast:>10.1} tok/s greedy with {} drafts per step vs {plain:.1} without ({:.2}×); {}",
+                "mtp     {fast:>10.1} tok/s greedy with {} drafts per step vs {plain:.1} without ({:.2}×){}; {}",
                 a.draft_tokens,
                 fast / plain,
+                match &a.spec_prompts {
+                    Some(f) => format!(" over the {spec_prompt_count} prompts of {}", f.display()),
+                    None => String::new(),
+                },
                 stats.summary()
             );
         }

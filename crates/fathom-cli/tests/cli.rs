@@ -370,6 +370,62 @@ fn tokenizer_train_writes_a_loadable_deepseek_tokenizer() {
     assert!(t.chat_template.is_some());
 }
 
+/// `fathom bench --spec-prompts`: speculation measured over chat prompts from a JSONL file, the
+/// acceptance per draft position summed over them; a line without a prompt is named.
+#[test]
+fn bench_measures_speculation_over_a_prompt_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"What is 47 + 38?\"}\n{\"prompt\": \"What is 52 * 6?\", \"answer\": \"312\"}\n\n{\"prompt\": \"What is 98 - 34?\"}\n",
+    )
+    .unwrap();
+    let (ok, out, err) = fathom(&[
+        "bench",
+        "--model",
+        "models/default",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "48",
+        "--repeat",
+        "1",
+        "--draft-tokens",
+        "2",
+        "--spec-prompts",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["spec_prompts"], 3, "{v}");
+    let acc = v["mtp_acceptance"].as_array().unwrap();
+    assert_eq!(acc.len(), 2, "{v}");
+    assert!(acc
+        .iter()
+        .all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())));
+    assert!(v["mtp_tokens_per_step"].as_f64().unwrap() >= 1.0, "{v}");
+    assert!(v["spec_decode_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+
+    std::fs::write(&file, "{\"prompt\": \"hi\"}\n{\"question\": \"hi\"}\n").unwrap();
+    let (ok, _, err) = fathom(&[
+        "bench",
+        "--model",
+        "models/default",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "8",
+        "--spec-prompts",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("prompts.jsonl:2") && err.contains("prompt"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bench_reports_the_llama_bench_keys_and_latent_kv_bytes() {
     let (ok, out, err) = fathom(&[

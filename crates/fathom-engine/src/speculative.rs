@@ -65,6 +65,19 @@ impl SpecStats {
         self.steps += 1;
     }
 
+    /// Add another run's counts (acceptance over several prompts).
+    pub fn merge(&mut self, other: &SpecStats) {
+        if self.offered.len() < other.offered.len() {
+            self.offered.resize(other.offered.len(), 0);
+            self.accepted.resize(other.offered.len(), 0);
+        }
+        for (i, (o, a)) in other.offered.iter().zip(&other.accepted).enumerate() {
+            self.offered[i] += o;
+            self.accepted[i] += a;
+        }
+        self.steps += other.steps;
+    }
+
     /// "pos1 87%, pos2 61%; 1.9 tokens/step".
     pub fn summary(&self) -> String {
         let per: Vec<String> = self
@@ -241,5 +254,24 @@ pub fn pick_draft<'a>(
                 q: Some(q),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SpecStats;
+
+    #[test]
+    fn merged_stats_count_both_runs() {
+        let (mut a, mut b) = (SpecStats::default(), SpecStats::default());
+        a.record(1, 1);
+        b.record(2, 1);
+        b.record(2, 0);
+        a.merge(&b);
+        assert_eq!(a.offered, vec![3, 2]);
+        assert_eq!(a.accepted, vec![2, 0]);
+        assert_eq!(a.steps, 3);
+        // (3 steps + 2 accepted drafts) / 3 steps.
+        assert!((a.tokens_per_step() - 5.0 / 3.0).abs() < 1e-12);
     }
 }

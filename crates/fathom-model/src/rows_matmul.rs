@@ -121,11 +121,11 @@ pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// The AVX2 kernel: register blocks of 2 rows of x × 4 rows of W, eight independent 8-lane FMA
-/// accumulators (one chain per output would wait on the FMA latency every step), so each loaded
-/// x chunk serves four weight rows and each weight chunk two x rows. An odd last row (a batch of
-/// one: single-stream decode) takes [`one_row_avx2`] instead of being paired with itself. Output
-/// (r, j) goes to `out` + r·ld + j.
+/// The AVX2 kernel. Up to [`FEW_ROWS`] rows: [`few_rows_avx2`]. More: register blocks of 2 rows
+/// of x × 4 rows of W, eight independent 8-lane FMA accumulators, so each loaded x chunk serves
+/// four weight rows and each weight chunk two x rows (arithmetic matters at batch sizes); an odd
+/// last row passes over each block of four weight rows after the pairs, while it is in L1.
+/// Output (r, j) goes to `out` + r·ld + j.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `out` covers rows × ld floats (ld ≥ n) no other thread writes.
@@ -143,9 +143,13 @@ unsafe fn rows_times_wt_avx2(
     use std::arch::x86_64::*;
     let k8 = k - k % 8;
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    if rows <= FEW_ROWS {
+        few_rows_avx2(x, rows, w, n, k, out, ld);
+        return;
+    }
     let paired = rows - rows % 2;
     let mut j = 0;
-    while j + 4 <= n && paired > 0 {
+    while j + 4 <= n {
         let wr = [0, 1, 2, 3].map(|q| wp.add((j + q) * k));
         let mut r = 0;
         while r < paired {
@@ -176,62 +180,110 @@ unsafe fn rows_times_wt_avx2(
             }
             r += 2;
         }
+        if paired < rows {
+            // The odd last row over the same four weight rows, still in L1.
+            dot_block::<4, false>(xp.add(paired * k), wp, j, k, out.at(paired * ld + j));
+        }
         j += 4;
     }
-    // The paired rows' last n mod 4 weight rows.
+    // The last n mod 4 weight rows.
     for jt in j..n {
-        for r in 0..paired {
+        for r in 0..rows {
             *out.at(r * ld + jt) = dot8::<true>(&x[r * k..][..k], &w[jt * k..][..k]);
         }
     }
-    if paired < rows {
-        let y = std::slice::from_raw_parts_mut(out.at(paired * ld), n);
-        one_row_avx2(&x[paired * k..][..k], w, n, k, y);
+}
+
+/// Outputs j..j+Q of one row, written to y[0..Q]: W[j..j+Q, k] · x [k] with Q independent
+/// 8-lane FMA chains (one chain would wait on the FMA latency every step), one x load serving all
+/// Q weight rows. Each output is summed lanes over chunks, then [`hsum`], then the k tail — the
+/// order every path of this file uses, so a row's result does not depend on the batch.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_block<const Q: usize, const PREFETCH_NEXT: bool>(
+    x: *const f32,
+    w: *const f32,
+    j: usize,
+    k: usize,
+    y: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let k8 = k - k % 8;
+    let wr: [*const f32; Q] = std::array::from_fn(|q| w.add((j + q) * k));
+    let mut acc = [_mm256_setzero_ps(); Q];
+    let mut c = 0;
+    while c < k8 {
+        if PREFETCH_NEXT && c % 16 == 0 {
+            // The next block's weight rows (Q·k floats on), a cache line each.
+            for row in wr {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(Q * k + c) as *const i8);
+            }
+        }
+        let v = _mm256_loadu_ps(x.add(c));
+        for q in 0..Q {
+            acc[q] = _mm256_fmadd_ps(v, _mm256_loadu_ps(wr[q].add(c)), acc[q]);
+        }
+        c += 8;
+    }
+    for q in 0..Q {
+        let mut t = hsum(acc[q]);
+        for c in k8..k {
+            t += *x.add(c) * *wr[q].add(c);
+        }
+        *y.add(q) = t;
     }
 }
 
-/// y [n] = W [n, k] · x [k] for one row: eight weight rows per pass (eight independent FMA
-/// chains, one x load serving all eight), so a batch of one neither waits on the FMA latency nor
-/// computes a duplicate row. Each output is summed in the same order as in the paired kernel
-/// (lanes over chunks, [`hsum`], the k tail), so a row's result does not depend on the batch.
+/// Up to this many rows, [`few_rows_avx2`]; more take the 2 × 4 register blocks.
+const FEW_ROWS: usize = 6;
+
+/// y [rows, n] = x [rows, k] · W[n, k]ᵀ for a few rows (decode, speculative verification): W in
+/// blocks of eight rows, every x row passing over a block while it is in L1 — the first pass
+/// streams W from memory exactly as one-row decode does (eight weight rows in flight), the others
+/// read L1, so a weight-bound 2–4-row call costs little more than one row.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `out` covers rows × ld floats (ld ≥ n) no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn one_row_avx2(x: &[f32], w: &[f32], n: usize, k: usize, y: &mut [f32]) {
-    use std::arch::x86_64::*;
-    #[inline(always)]
-    unsafe fn block<const Q: usize>(x: &[f32], w: &[f32], j: usize, k: usize, y: &mut [f32]) {
-        let k8 = k - k % 8;
-        let xp = x.as_ptr();
-        let wr: [*const f32; Q] = std::array::from_fn(|q| w.as_ptr().add((j + q) * k));
-        let mut acc = [_mm256_setzero_ps(); Q];
-        let mut c = 0;
-        while c < k8 {
-            let v = _mm256_loadu_ps(xp.add(c));
-            for q in 0..Q {
-                acc[q] = _mm256_fmadd_ps(v, _mm256_loadu_ps(wr[q].add(c)), acc[q]);
-            }
-            c += 8;
-        }
-        for q in 0..Q {
-            let mut t = hsum(acc[q]);
-            for c in k8..k {
-                t += *xp.add(c) * *wr[q].add(c);
-            }
-            y[j + q] = t;
-        }
-    }
+unsafe fn few_rows_avx2(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    out: SharedOut,
+    ld: usize,
+) {
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut j = 0;
     while j + 8 <= n {
-        block::<8>(x, w, j, k, y);
+        dot_block::<8, false>(xp, wp, j, k, out.at(j));
+        // The second row's pass (from L1) prefetches the next block, so memory keeps streaming
+        // while the extra rows compute (measured by examples/stream_bench.rs: two rows 1.12×
+        // one row's time instead of 1.34× with the 2 × 4 register blocks; a two-row register
+        // block over eight weight rows, or prefetching two blocks ahead, was slower).
+        let has_next = j + 16 <= n;
+        for r in 1..rows {
+            if r == 1 && has_next {
+                dot_block::<8, true>(xp.add(r * k), wp, j, k, out.at(r * ld + j));
+            } else {
+                dot_block::<8, false>(xp.add(r * k), wp, j, k, out.at(r * ld + j));
+            }
+        }
         j += 8;
     }
     if j + 4 <= n {
-        block::<4>(x, w, j, k, y);
+        for r in 0..rows {
+            dot_block::<4, false>(xp.add(r * k), wp, j, k, out.at(r * ld + j));
+        }
         j += 4;
     }
-    // The last n mod 4 weight rows, as the paired kernel does them.
     for jt in j..n {
-        y[jt] = dot8::<true>(x, &w[jt * k..][..k]);
+        for r in 0..rows {
+            *out.at(r * ld + jt) = dot8::<true>(&x[r * k..][..k], &w[jt * k..][..k]);
+        }
     }
 }
 
@@ -319,7 +371,8 @@ mod tests {
     #[test]
     fn matches_candle_matmul_for_every_row_count() {
         let dev = Device::Cpu;
-        for rows in [1, 2, 3, 16] {
+        // 1–6 rows take the few-row kernel, 7 and 16 the paired one (7: with its odd row).
+        for rows in [1, 2, 3, 5, 6, 7, 16] {
             for (n, k) in [(7, 13), (64, 160), (130, 48), (19, 8)] {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
@@ -356,14 +409,17 @@ mod tests {
     /// speculative verification must agree bit for bit).
     #[test]
     fn one_row_equals_its_row_in_a_batch() {
-        for (n, k) in [(2048, 160), (13, 21), (12, 8), (5, 3)] {
-            let x: Vec<f32> = (0..3 * k).map(|i| (i as f32 * 0.31).sin()).collect();
-            let wv: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
-            let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
-            let all = rows_times_weight(&x, 3, &w).unwrap();
-            for r in 0..3 {
-                let one = rows_times_weight(&x[r * k..][..k], 1, &w).unwrap();
-                assert_eq!(one, all[r * n..][..n], "row {r} of {n}×{k}");
+        // Batches through the few-row kernel (3, 6) and the paired one (7: odd, 8).
+        for rows in [3, 6, 7, 8] {
+            for (n, k) in [(2048, 160), (13, 21), (12, 8), (5, 3)] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.31).sin()).collect();
+                let wv: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
+                let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+                let all = rows_times_weight(&x, rows, &w).unwrap();
+                for r in 0..rows {
+                    let one = rows_times_weight(&x[r * k..][..k], 1, &w).unwrap();
+                    assert_eq!(one, all[r * n..][..n], "row {r} of {rows}, {n}×{k}");
+                }
             }
         }
     }
@@ -372,7 +428,7 @@ mod tests {
     /// call's bit for bit.
     #[test]
     fn split_over_threads_equals_one_serial_call() {
-        for rows in [1, 2, 3, 16] {
+        for rows in [1, 2, 3, 7, 16] {
             for (n, k) in [(2051, 40), (1000, 96)] {
                 let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).sin()).collect();
                 let wv: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
