@@ -193,7 +193,7 @@ pub struct GenerateOptions<'a> {
 }
 
 /// Draft tokens per step `fathom bench` measures speculation with (generation leaves it off unless
-/// asked: on this CPU engine the default MoE model verifies drafts at a loss, docs/speculative.md).
+/// asked: on this CPU engine the default MoE model gains little from it, docs/speculative.md).
 pub const DEFAULT_DRAFT_TOKENS: usize = 2;
 
 /// The output side of decoding: every token goes through `emit`, which applies eos, stop
