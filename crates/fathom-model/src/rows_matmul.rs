@@ -235,7 +235,10 @@ unsafe fn dot_block<const Q: usize, const PREFETCH_NEXT: bool>(
     }
 }
 
-/// Up to this many rows, [`few_rows_avx2`]; more take the 2 × 4 register blocks.
+/// Up to this many rows, [`few_rows_avx2`]; more take the 2 × 4 register blocks, whose paired
+/// FMAs win once arithmetic outweighs the weight stream (`examples/stream_bench.rs`, [1152, 384]:
+/// 5 rows 1.54× vs 1.71× one row's time, 6 rows 1.70× vs 1.75×, 8 rows 2.02× vs 1.96×, 16 rows
+/// 3.25× vs 2.85×).
 const FEW_ROWS: usize = 6;
 
 /// Weight rows j..j+8 against `rows` (2..=[`FEW_ROWS`]) x rows, k in chunks of [`K_CHUNK`]
