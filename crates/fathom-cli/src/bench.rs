@@ -238,9 +238,20 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
             a.gen_tokens
         );
     }
-    // Read before the timed parts, so a bad file fails at once.
+    // Read and checked before the timed parts, so a bad file fails at once.
     let spec_file_prompts = match &a.spec_prompts {
-        Some(file) => Some(spec_prompt_ids(&dir, file)?),
+        Some(file) => {
+            let (prompts, eos_ids) = spec_prompt_ids(&dir, file)?;
+            if let Some(p) = prompts.iter().find(|p| p.len() + a.gen_tokens >= max) {
+                bail!(
+                    "{}: a prompt of {} tokens + --gen-tokens {} exceeds the model's max_position_embeddings {max}",
+                    file.display(),
+                    p.len(),
+                    a.gen_tokens
+                );
+            }
+            Some((prompts, eos_ids))
+        }
         None => None,
     };
     let vocab = model.cfg.vocab_size as u32;
@@ -301,18 +312,11 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
                 let text_prompt = fathom_core::TextTokenizer::from_dir(&dir)
                     .ok()
                     .and_then(|t| t.encode(SPEC_PROMPT, true).ok())
-                    .filter(|ids| !ids.is_empty())
+                    .filter(|ids| !ids.is_empty() && ids.len() + a.gen_tokens < max)
                     .unwrap_or_else(|| prompt[..prompt.len().min(16)].to_vec());
                 (vec![text_prompt], vec![])
             }
         };
-        if let Some(p) = prompts.iter().find(|p| p.len() + a.gen_tokens >= max) {
-            bail!(
-                "a speculation prompt of {} tokens + --gen-tokens {} exceeds the model's max_position_embeddings {max}",
-                p.len(),
-                a.gen_tokens
-            );
-        }
         // Each pass decodes every prompt plainly then speculatively (greedy: the same tokens);
         // tok/s = tokens summed over the prompts / decode seconds summed; best pass reported.
         let (mut plain, mut fast, mut stats) = (0f64, 0f64, None);

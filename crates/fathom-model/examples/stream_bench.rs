@@ -31,7 +31,8 @@ fn main() {
             }
             best = best.min(t.elapsed().as_secs_f64());
         }
-        if rows == 1 {
+        if rows == 1 || one == 0.0 {
+            // Ratios are to one row (to the first count given when 1 is not among them).
             one = best;
         }
         println!(

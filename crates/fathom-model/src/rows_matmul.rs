@@ -313,8 +313,8 @@ const LONG_K: usize = 768;
 
 /// y [rows, n] = x [rows, k] · W[n, k]ᵀ for a few rows (decode, speculative verification): W in
 /// blocks of eight rows, every x row passing over a block while it is in L1 (whole, or in chunks
-/// of k past [`LONG_K`]: [`block8_over_rows`]); one row is [`dot_block`] alone. A weight-bound 2–4-row call costs
-/// little more than one row.
+/// of k past [`LONG_K`]: [`block8_over_rows`]); one row is [`dot_block`] alone. A weight-bound
+/// 2–4-row call costs little more than one row.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `out` covers rows × ld floats (ld ≥ n) no other thread writes.
