@@ -1,9 +1,11 @@
 //! MTP speculative decoding (DeepSeek-V3 §2.2, §5.4.3: the MTP module as a draft model).
 //!
-//! After each verified token t_p at position p, the MTP module drafts: on (h_{p−1}, Emb(t_p)) —
-//! the main model's last hidden state and the new token — it predicts t_{p+1}; for more than one
-//! draft the same module runs again on its own output hidden state and the drafted token (the
-//! recursive reuse SGLang applies to V3's single module). The main model then verifies
+//! After each verified token t_p at position p, MTP module 1 drafts: on (h_{p−1}, Emb(t_p)) — the
+//! main model's last hidden state and the new token — it predicts t_{p+1}; module 2 (V3's
+//! `num_nextn_predict_layers = 2`) reads module 1's state and Emb(d_1) and predicts t_{p+2}, and
+//! so on down the chain; drafts past the last module reuse it on its own output hidden state and
+//! the drafted token (the recursive reuse SGLang applies to V3's single module; `Drafter`). The
+//! main model then verifies
 //! [t_p, d_1 … d_k] in one forward (a k+1-row segment: the packed attention kernel), and:
 //!
 //! - greedy: the longest prefix of drafts that equal the target's greedy choices is accepted, plus
@@ -14,7 +16,7 @@
 //!   (Leviathan et al. 2023; Chen et al. 2023): every emitted token is distributed exactly as the
 //!   target's p (tested in `tests/speculative.rs`).
 //!
-//! The main cache is rolled back past the rejected drafts (`KvCache::truncate`); the MTP module's
+//! The main cache is rolled back past the rejected drafts (`KvCache::truncate`); each MTP module's
 //! own cache drops its draft rows and is extended with the verified rows' true hidden states on
 //! the next draft call.
 
@@ -94,11 +96,28 @@ impl SpecStats {
     }
 }
 
-/// Drafts with the model's first MTP module; holds that module's KV cache for one sequence.
+/// Drafts with the model's MTP modules; holds each module's KV cache for one sequence.
+///
+/// Module m (0-based; V3's module k = m + 1) at position i reads h^m_i (h^0 the main model's state,
+/// h^{m+1} module m's output) and Emb(t_{i+m+1}), and predicts t_{i+m+2} — exactly as in training
+/// (`fathom_train::objective`). After a step whose last verified position is p (its token t_{p+1}
+/// the target's own), the chain drafts d_1 = t_{p+2} from module 0 at p, d_2 = t_{p+3} from
+/// module 1 at p (reading Emb(d_1)), and so on: every module runs at position p, so module m's
+/// rows p − m + 1 .. p read drafted tokens. Those rows are provisional and dropped afterwards;
+/// module m's cache holds verified rows up to p − m, lagging m positions behind the main cache,
+/// and the states h^m it has not consumed yet are carried to the next call. Drafts past the
+/// last module reuse it recursively on its own output at positions p + 1, p + 2, … (SGLang's
+/// treatment of V3's single module); with one module that is the whole scheme.
 pub struct Drafter {
-    cache: KvCache,
-    /// Positions of the MTP cache that hold verified rows.
-    valid: usize,
+    /// One single-layer cache per module.
+    caches: Vec<KvCache>,
+    /// valid[m]: positions 0..valid[m] of module m's cache hold verified rows.
+    valid: Vec<usize>,
+    /// carry[m] (m ≥ 1): module m − 1's outputs at positions valid[m]..valid[m − 1] — inputs
+    /// module m still has to take in. carry[0] is unused (module 0 reads the main model's rows).
+    carry: Vec<Option<Tensor>>,
+    /// next_of[i] = t_{i+1}, the verified token after position i.
+    next_of: Vec<u32>,
 }
 
 /// A draft token and, when sampling, the draft distribution q it was drawn from.
@@ -108,25 +127,31 @@ pub struct Draft {
 }
 
 impl Drafter {
-    /// `None` when the model has no MTP module (speculation falls back to plain decoding).
+    /// `None` when the model has no MTP module (speculation falls back to plain decoding). Drafts
+    /// chain through every module the model holds (`CausalLm::mtp`; truncate it to reuse fewer).
     pub fn new(model: &CausalLm) -> Option<Self> {
-        if model.mtp.is_empty() {
+        let modules = model.mtp.len();
+        if modules == 0 {
             return None;
         }
-        Some(Drafter {
-            cache: if model.cfg.mla.is_some() {
+        let cache = || {
+            if model.cfg.mla.is_some() {
                 KvCache::new_latent(1)
             } else {
                 KvCache::new(1)
-            },
-            valid: 0,
+            }
+        };
+        Some(Drafter {
+            caches: (0..modules).map(|_| cache()).collect(),
+            valid: vec![0; modules],
+            carry: vec![None; modules],
+            next_of: Vec::new(),
         })
     }
 
-    /// Extend the MTP cache over verified rows — `hidden` [n, d] (the main model's final normed
-    /// states at positions offset..offset+n) with `next_tokens` (the token after each) — and draft
-    /// `k` tokens from the last row on. `pick` turns draft logits into a draft (given the drafts so
-    /// far). Draft rows are dropped from the MTP cache before returning.
+    /// Take in verified rows — `hidden` [n, d], the main model's final normed states at positions
+    /// offset..offset+n, with `next_tokens`, the token after each — and draft `k` ≥ 1 tokens after
+    /// the last of them. `pick` turns draft logits into a draft (given the drafts so far).
     pub fn draft(
         &mut self,
         model: &CausalLm,
@@ -136,40 +161,118 @@ impl Drafter {
         k: usize,
         pick: &mut dyn FnMut(&[f32], &[u32]) -> Draft,
     ) -> Result<Vec<Draft>> {
-        let module = &model.mtp[0];
-        if offset != self.valid {
+        let n = next_tokens.len();
+        if offset != self.valid[0] || offset != self.next_of.len() {
             candle_core::bail!(
-                "MTP cache holds {} positions, rows start at {offset}",
-                self.valid
+                "the MTP cache holds {} positions, rows start at {offset}",
+                self.valid[0]
             )
         }
-        let n = next_tokens.len();
-        let mut prev = hidden.unsqueeze(0)?;
-        let mut next = model.embed(&Tensor::new(next_tokens, &model.device)?.unsqueeze(0)?)?;
-        let mut pos = offset;
-        let mut drafts: Vec<Draft> = Vec::with_capacity(k);
-        let mut tokens: Vec<u32> = Vec::with_capacity(k);
-        for j in 0..k {
-            let h =
-                module.forward_decode(&prev, &next, &model.rope, pos, &mut self.cache.layers[0])?;
-            if j == 0 {
-                self.valid = offset + n;
-            }
-            let rows = h.dim(1)?;
-            let last = h.narrow(1, rows - 1, 1)?;
-            let logits: Vec<f32> = model.logits(&last)?.flatten_all()?.to_vec1()?;
-            let d = pick(&logits, &tokens);
-            let token = d.token;
-            tokens.push(token);
-            drafts.push(d);
-            pos += rows;
-            if pos + 1 >= model.rope.max_positions() {
-                break;
-            }
-            prev = last;
-            next = model.embed(&Tensor::new(&[token], &model.device)?.unsqueeze(0)?)?;
+        if n == 0 || hidden.dim(0)? != n || k == 0 {
+            candle_core::bail!(
+                "drafting needs at least one row ({n} tokens, {} states) and k ≥ 1 (k = {k})",
+                hidden.dim(0)?
+            )
         }
-        self.cache.truncate(self.valid)?;
+        let modules = self.caches.len();
+        if model.mtp.len() < modules {
+            candle_core::bail!(
+                "the drafter chains {modules} MTP modules, the model has {}",
+                model.mtp.len()
+            )
+        }
+        self.next_of.extend_from_slice(next_tokens);
+        let p = offset + n - 1;
+        let mut drafts: Vec<Draft> = Vec::with_capacity(k);
+        let mut drafted: Vec<u32> = Vec::with_capacity(k);
+        // t_j: verified, or one of this step's drafts.
+        let token = |j: usize, drafted: &[u32]| -> u32 {
+            match self.next_of.get(j - 1) {
+                Some(&t) => t,
+                None => drafted[j - 1 - self.next_of.len()],
+            }
+        };
+        // Module m's input states over its rows valid[m]..=p; module 0 reads the main model's.
+        let mut input = hidden.clone();
+        let mut last_out = None;
+        let chain = k.min(modules);
+        for m in 0..chain {
+            let start = self.valid[m];
+            let ids: Vec<u32> = (start..=p).map(|i| token(i + m + 1, &drafted)).collect();
+            let next = model.embed(&Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?)?;
+            let out = model.mtp[m]
+                .forward_decode(
+                    &input.unsqueeze(0)?,
+                    &next,
+                    &model.rope,
+                    start,
+                    &mut self.caches[m].layers[0],
+                )?
+                .squeeze(0)?;
+            // Rows i < p + 1 − m read only verified tokens.
+            let verified = (p + 1).saturating_sub(m).max(start);
+            if m > 0 {
+                // Module m has consumed its inputs up to `verified`; keep the rest that is verified.
+                let upto = self.valid[m - 1];
+                self.carry[m] = (verified < upto)
+                    .then(|| input.narrow(0, verified - start, upto - verified))
+                    .transpose()?;
+            }
+            self.valid[m] = verified;
+            let last = out.narrow(0, p - start, 1)?;
+            let logits: Vec<f32> = model
+                .logits(&last.unsqueeze(0)?)?
+                .flatten_all()?
+                .to_vec1()?;
+            let d = pick(&logits, &drafted);
+            drafted.push(d.token);
+            drafts.push(d);
+            if m + 1 < modules {
+                // Module m + 1's inputs: the carried verified states, then this call's outputs.
+                let fresh = out.narrow(0, 0, verified - start)?;
+                let carried = self.carry[m + 1].take();
+                if m + 1 < chain {
+                    input = match carried {
+                        Some(c) => Tensor::cat(&[&c, &out], 0)?,
+                        None => out.clone(),
+                    };
+                } else {
+                    // Module m + 1 does not run this step: it will need the verified states.
+                    self.carry[m + 1] = match carried {
+                        Some(c) => Some(Tensor::cat(&[&c, &fresh], 0)?),
+                        None => (fresh.dim(0)? > 0).then_some(fresh),
+                    };
+                }
+            }
+            last_out = Some(last);
+        }
+        // Drafts past the chain: the last module reused on its own output at p + 1, p + 2, ….
+        let reused = chain - 1;
+        let mut pos = p + 1;
+        let mut prev = last_out.expect("the chain runs at least module 0");
+        while drafts.len() < k && pos < model.rope.max_positions() {
+            let t = *drafted.last().expect("one draft at least");
+            let next = model.embed(&Tensor::new(&[t], &model.device)?.unsqueeze(0)?)?;
+            let h = model.mtp[reused]
+                .forward_decode(
+                    &prev.unsqueeze(0)?,
+                    &next,
+                    &model.rope,
+                    pos,
+                    &mut self.caches[reused].layers[0],
+                )?
+                .squeeze(0)?;
+            let logits: Vec<f32> = model.logits(&h.unsqueeze(0)?)?.flatten_all()?.to_vec1()?;
+            let d = pick(&logits, &drafted);
+            drafted.push(d.token);
+            drafts.push(d);
+            prev = h;
+            pos += 1;
+        }
+        // Drop the provisional rows (kept until now: the reused module attends over its own).
+        for (cache, &valid) in self.caches.iter_mut().zip(&self.valid) {
+            cache.truncate(valid)?;
+        }
         Ok(drafts)
     }
 }

@@ -204,3 +204,197 @@ fn models_without_mtp_fall_back_silently() {
     assert!(asked.spec.is_none());
     assert_eq!(asked.token_ids, plain.token_ids);
 }
+
+/// The tiny V3 fixture with a second MTP module (V3's `num_nextn_predict_layers = 2`): module 2
+/// starts as module 1 with its input projection and MLP scaled, so the two differ.
+fn two_module_model() -> CausalLm {
+    let src = root().join("fixtures/deepseek_v3_tiny");
+    let dir = std::env::temp_dir().join(format!("fathom-mtp2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    cfg["num_nextn_predict_layers"] = 2.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let first = format!("model.layers.{layers}.");
+    let second = format!("model.layers.{}.", layers + 1);
+    let copies: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter_map(|(name, t)| {
+            let rest = name.strip_prefix(&first)?;
+            let scale = if rest.starts_with("eh_proj") {
+                -1.5
+            } else if rest.starts_with("mlp.") && rest.ends_with("weight") {
+                0.7
+            } else {
+                1.0
+            };
+            Some((format!("{second}{rest}"), t.affine(scale, 0.0).unwrap()))
+        })
+        .collect();
+    assert!(copies.len() > 10, "module 1's tensors found");
+    tensors.extend(copies);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let model = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(model.mtp.len(), 2);
+    model
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as u32
+}
+
+/// Draft logits by the training path (no cache, whole sequence; `fathom_train::objective`'s
+/// chain): `seq` = t_0..t_{p+1} verified, `drafts` d_1.. (fed as the later tokens). Module m at
+/// every position i ≤ p reads h^m_i and t_{i+m+1}; drafts past the modules rerun the last one with
+/// its own outputs appended as the states of positions p + 1, ….
+fn reference_draft_logits(model: &CausalLm, seq: &[u32], drafts: &[u32]) -> Vec<Vec<f32>> {
+    let p = seq.len() - 2;
+    let all: Vec<u32> = seq.iter().chain(drafts).copied().collect();
+    let ids = |a: usize, b: usize| Tensor::new(&all[a..b], &Device::Cpu).unwrap().unsqueeze(0);
+    let row = |t: &Tensor, i: usize| t.narrow(1, i, 1).unwrap();
+    let logits = |h: &Tensor| -> Vec<f32> {
+        model
+            .logits(h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut input = model
+        .forward_hidden(&ids(0, p + 1).unwrap(), 0, None)
+        .unwrap()
+        .hidden;
+    let mut out = Vec::new();
+    let chain = drafts.len().min(model.mtp.len());
+    let mut last_in = input.clone();
+    let mut h = input.clone();
+    for m in 0..chain {
+        let next = model.embed(&ids(m + 1, p + m + 2).unwrap()).unwrap();
+        last_in = input.clone();
+        h = model.mtp[m]
+            .forward(&input, &next, &model.rope, 0, None)
+            .unwrap();
+        out.push(logits(&row(&h, p)));
+        input = h.clone();
+    }
+    let r = chain - 1;
+    let mut states = last_in;
+    let mut prev_out = row(&h, p);
+    for j in 1..=(drafts.len() - chain) {
+        states = Tensor::cat(&[&states, &prev_out], 1).unwrap();
+        let next = model.embed(&ids(r + 1, p + j + r + 2).unwrap()).unwrap();
+        let h = model.mtp[r]
+            .forward(&states, &next, &model.rope, 0, None)
+            .unwrap();
+        prev_out = row(&h, p + j);
+        out.push(logits(&prev_out));
+    }
+    out
+}
+
+/// With two MTP modules the drafter chains them — module 2 reads module 1's state and the first
+/// draft, its cache lagging one position — and reuses module 2 past them. Over steps that accept
+/// 0–3 drafts and ask for 1–4 (module 2 sitting some steps out), every draft's logits equal the
+/// training path's on the whole sequence.
+#[test]
+fn chained_modules_draft_as_the_training_path() {
+    let model = two_module_model();
+    let prompt = [3u32, 17, 5, 9, 11];
+    let seq = run(&model, None, &prompt, SamplingParams::default(), 0, 30).token_ids;
+    let full: Vec<u32> = prompt.iter().chain(&seq).copied().collect();
+    let hidden = model
+        .forward_hidden(
+            &Tensor::new(full.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            0,
+            None,
+        )
+        .unwrap()
+        .hidden
+        .squeeze(0)
+        .unwrap();
+    let mut drafter = fathom_engine::speculative::Drafter::new(&model).unwrap();
+    // (rows verified this step, drafts asked for): the first step takes the prompt.
+    let steps = [
+        (5, 3),
+        (1, 2),
+        (3, 1),
+        (2, 1),
+        (1, 4),
+        (4, 2),
+        (2, 3),
+        (1, 1),
+        (3, 2),
+    ];
+    let mut offset = 0;
+    for (n, k) in steps {
+        let mut got: Vec<Vec<f32>> = Vec::new();
+        let mut pick = |logits: &[f32], _: &[u32]| {
+            got.push(logits.to_vec());
+            Draft {
+                token: argmax(logits),
+                q: None,
+            }
+        };
+        let rows = hidden.narrow(0, offset, n).unwrap();
+        let drafts = drafter
+            .draft(
+                &model,
+                &rows,
+                &full[offset + 1..offset + n + 1],
+                offset,
+                k,
+                &mut pick,
+            )
+            .unwrap();
+        assert_eq!(drafts.len(), k);
+        let tokens: Vec<u32> = drafts.iter().map(|d| d.token).collect();
+        let want = reference_draft_logits(&model, &full[..offset + n + 1], &tokens);
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            let diff = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-3,
+                "step at {offset}+{n}, draft {}: logits differ by {diff}",
+                j + 1
+            );
+        }
+        offset += n;
+    }
+}
+
+/// Greedy decoding with two chained modules emits exactly the plain greedy tokens, for 1–4 drafts
+/// a step; truncating `mtp` to one module gives the recursive scheme, also lossless.
+#[test]
+fn two_module_speculation_is_lossless() {
+    let mut model = two_module_model();
+    for prompt in [&[3u32, 17, 5, 9][..], &[8], &[40, 2, 2, 7, 19, 33, 1, 6]] {
+        let plain = run(&model, None, prompt, SamplingParams::default(), 0, 24);
+        for k in 1..=4 {
+            let spec = run(&model, None, prompt, SamplingParams::default(), k, 24);
+            assert_eq!(spec.token_ids, plain.token_ids, "{prompt:?}, {k} drafts");
+            let stats = spec.spec.expect("speculation ran");
+            assert_eq!(stats.offered.len(), k);
+        }
+    }
+    model.mtp.truncate(1);
+    let plain = run(&model, None, &[3, 17, 5], SamplingParams::default(), 0, 24);
+    let spec = run(&model, None, &[3, 17, 5], SamplingParams::default(), 3, 24);
+    assert_eq!(spec.token_ids, plain.token_ids);
+}
