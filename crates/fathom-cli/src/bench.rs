@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Tokens the MTP module drafts per step in the speculative measurement.
     #[arg(long, default_value_t = fathom_engine::DEFAULT_DRAFT_TOKENS)]
     draft_tokens: usize,
+    /// MTP modules that draft (default: all); past them the last is reused recursively.
+    #[arg(long)]
+    draft_modules: Option<usize>,
     /// Measure speculation over these prompts instead of the one built-in text: a JSONL file
     /// whose lines carry `"prompt"` (as `fathom tasks --style problems` writes), each sent as a
     /// user turn through the chat template (plain text without one) and decoded greedily to
@@ -225,7 +228,8 @@ fn timed_decode(
 
 pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     let t_load = Instant::now();
-    let model = CausalLm::load_quantized(&dir, DType::F32, &Device::Cpu, a.quant)?;
+    let mut model = CausalLm::load_quantized(&dir, DType::F32, &Device::Cpu, a.quant)?;
+    crate::limit_draft_modules(&mut model, a.draft_modules)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let max = model.cfg.max_position_embeddings;
     if a.prompt_tokens == 0 || a.gen_tokens == 0 {
@@ -377,6 +381,7 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "batch_decode_tok_s": batch.map(|b| b.2),
         "batch_speedup": batch.map(|b| b.2 / b.1),
         "draft_tokens": spec.as_ref().map(|_| a.draft_tokens),
+        "draft_modules": spec.as_ref().map(|_| model.mtp.len()),
         "generate_tok_s": spec.as_ref().map(|s| s.0),
         "spec_decode_tok_s": spec.as_ref().map(|s| s.1),
         "spec_speedup": spec.as_ref().map(|s| s.1 / s.0),

@@ -153,6 +153,10 @@ struct SamplingArgs {
     /// Never decode speculatively, whatever `--draft-tokens` says.
     #[arg(long)]
     no_spec: bool,
+    /// MTP modules that draft, in order (default: all the model has); drafts past them reuse the
+    /// last one recursively (1 = V3's single module reused, SGLang-style).
+    #[arg(long)]
+    draft_modules: Option<usize>,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -288,6 +292,23 @@ fn parse_quant(s: &str) -> std::result::Result<WeightQuant, String> {
 
 fn load(dir: &Path) -> Result<Loaded> {
     load_with(dir, None)
+}
+
+/// Keep the first `n` MTP modules for drafting (`--draft-modules`).
+fn limit_draft_modules(model: &mut CausalLm, n: Option<usize>) -> Result<()> {
+    let Some(n) = n else { return Ok(()) };
+    let have = model.mtp.len();
+    if have == 0 {
+        bail!("--draft-modules {n}: the model has no MTP modules to draft with");
+    }
+    if n == 0 || n > have {
+        bail!(
+            "--draft-modules {n}: the model has {have} MTP module(s); give 1 to {have} \
+             (--no-spec turns speculation off)"
+        );
+    }
+    model.mtp.truncate(n);
+    Ok(())
 }
 
 fn load_with(path: &Path, quant: Option<WeightQuant>) -> Result<Loaded> {
@@ -539,7 +560,8 @@ fn print_json(g: &Generation) {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let dir = resolve_model(&a.model)?;
-    let l = load_with(&dir, a.quant)?;
+    let mut l = load_with(&dir, a.quant)?;
+    limit_draft_modules(&mut l.model, a.sampling.draft_modules)?;
     let prompt: Vec<u32> = match (&a.token_ids, &a.prompt) {
         (Some(ids), _) => ids.0.clone(),
         (None, Some(text)) => {
@@ -571,7 +593,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let dir = resolve_model(&a.model)?;
-    let l = load_with(&dir, a.quant)?;
+    let mut l = load_with(&dir, a.quant)?;
+    limit_draft_modules(&mut l.model, a.sampling.draft_modules)?;
     let stream = a.sampling.format == Format::Text;
     if let Some(ids) = &a.token_ids {
         let g = run_generation(&l, &ids.0, &a.sampling, stream)?;

@@ -71,15 +71,19 @@ impl RunArgs {
             stop_after: self.stop_after,
             threads: self.threads,
             keep_checkpoints: self.keep_checkpoints,
+            mtp_depth: None,
         }
     }
 }
 
 /// Run the SFT loop (for `sft` and `distill`) and print its summary.
-fn sft_and_report(config: SftConfig, r: &RunArgs) -> Result<()> {
+fn sft_and_report(config: SftConfig, r: &RunArgs, mtp_depth: Option<usize>) -> Result<()> {
     let s = run_sft(SftOptions {
         config,
-        run: r.options(r.optim(1e-3), 300),
+        run: RunOptions {
+            mtp_depth,
+            ..r.options(r.optim(1e-3), 300)
+        },
     })?;
     print_sft_summary(&s, &r.out, r.json);
     Ok(())
@@ -100,6 +104,11 @@ pub struct SftLoopArgs {
     /// Weight λ of the MTP loss on the same targets (keeps the drafter in step).
     #[arg(long, default_value_t = 0.3)]
     mtp_weight: f64,
+    /// MTP modules to train (num_nextn_predict_layers), when not the checkpoint's: added modules
+    /// start as copies of its last one (a module per draft position speculates further than one
+    /// module reused); fewer drops the rest. A fresh run only.
+    #[arg(long)]
+    mtp_depth: Option<usize>,
     /// Fraction of examples held out for the validation loss.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
@@ -212,7 +221,7 @@ pub fn cmd_sft(a: SftArgs, model: PathBuf) -> Result<()> {
         mtp_weight: a.sft.mtp_weight,
     };
     let config = sft_config(model, a.data.clone(), objective, &a.sft, a.run.seed);
-    sft_and_report(config, &a.run)
+    sft_and_report(config, &a.run, a.sft.mtp_depth)
 }
 
 #[derive(Args)]
@@ -474,7 +483,7 @@ pub fn cmd_distill(a: DistillArgs) -> Result<()> {
         },
     };
     let config = sft_config(a.student.clone(), data, objective, &a.sft, a.run.seed);
-    sft_and_report(config, &a.run)
+    sft_and_report(config, &a.run, a.sft.mtp_depth)
 }
 
 fn write_teacher_traces(a: &DistillArgs, path: &Path) -> Result<()> {

@@ -1,6 +1,6 @@
 //! `fathom serve`: load the model, start the continuous-batching engine and the HTTP server.
 
-use crate::{load_with, parse_quant, resolve_model};
+use crate::{limit_draft_modules, load_with, parse_quant, resolve_model};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fathom_core::WeightQuant;
@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// plainly). Lossless, but not faster for the default MoE model on CPU (docs/speculative.md).
     #[arg(long, default_value_t = 0)]
     draft_tokens: usize,
+    /// MTP modules that draft (default: all); past them the last is reused recursively.
+    #[arg(long)]
+    draft_modules: Option<usize>,
     /// max_tokens for requests that give none (capped by the context left).
     #[arg(long, default_value_t = 4096)]
     default_max_tokens: usize,
@@ -59,7 +62,8 @@ pub struct ServeArgs {
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let path = resolve_model(&a.model)?;
-    let loaded = load_with(&path, a.quant)?;
+    let mut loaded = load_with(&path, a.quant)?;
+    limit_draft_modules(&mut loaded.model, a.draft_modules)?;
     let tok = Arc::new(
         loaded
             .tok

@@ -407,6 +407,22 @@ fn bench_measures_speculation_over_a_prompt_file() {
         .all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())));
     assert!(v["mtp_tokens_per_step"].as_f64().unwrap() >= 1.0, "{v}");
     assert!(v["spec_decode_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["draft_modules"], 1, "{v}");
+
+    // The default model has one MTP module: asking for two drafting modules names the flag.
+    let (ok, _, err) = fathom(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--draft-tokens",
+        "2",
+        "--draft-modules",
+        "2",
+    ]);
+    assert!(
+        !ok && err.contains("--draft-modules 2") && err.contains("1 MTP module"),
+        "{err}"
+    );
 
     std::fs::write(&file, "{\"prompt\": \"hi\"}\n{\"question\": \"hi\"}\n").unwrap();
     let (ok, _, err) = fathom(&[

@@ -57,6 +57,13 @@ impl OptimConfig {
 /// Load any HF checkpoint directory (sharded or not; f32, bf16, f16 or FP8 blocks) as a trainable
 /// f32 model. Every variable of the model must be in the checkpoint (the error names the tensor).
 pub fn load_trainable(dir: &Path) -> Result<TrainableModel> {
+    load_trainable_with_mtp(dir, None)
+}
+
+/// As [`load_trainable`], with `mtp_depth` MTP modules (`num_nextn_predict_layers`) instead of the
+/// checkpoint's: modules it lacks start as copies of its last one (V3 trains module k from
+/// module k − 1's state, so the copy is a close start), modules past `mtp_depth` are left out.
+pub fn load_trainable_with_mtp(dir: &Path, mtp_depth: Option<usize>) -> Result<TrainableModel> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
     let mut hf: serde_json::Value =
@@ -69,11 +76,46 @@ pub fn load_trainable(dir: &Path) -> Result<TrainableModel> {
         o.remove("quantization_config");
         o.insert("torch_dtype".into(), "float32".into());
     }
+    let layers = hf
+        .get("num_hidden_layers")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    let stored_depth = hf
+        .get("num_nextn_predict_layers")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    if let Some(depth) = mtp_depth {
+        if depth > stored_depth && stored_depth == 0 {
+            return Err(TrainError::Checkpoint {
+                path: cfg_path,
+                msg: format!(
+                    "--mtp-depth {depth}: the checkpoint has no MTP module to start the new ones \
+                     from (num_nextn_predict_layers is 0)"
+                ),
+            });
+        }
+        if let Some(o) = hf.as_object_mut() {
+            o.insert("num_nextn_predict_layers".into(), depth.into());
+        }
+    }
+    // A variable of a module the checkpoint lacks reads its last module's tensor.
+    let source_name = |name: &str| -> String {
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            return name.to_string();
+        };
+        let (idx, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        match idx.parse::<usize>() {
+            Ok(i) if stored_depth > 0 && i >= layers + stored_depth => {
+                format!("model.layers.{}.{tail}", layers + stored_depth - 1)
+            }
+            _ => name.to_string(),
+        }
+    };
     let tm = TrainableModel::new(hf, &Device::Cpu)?;
     let store = WeightStore::open(dir)?;
     let data = tm.varmap.data().lock().unwrap();
     for (name, var) in data.iter() {
-        let t = store.load_f32(name)?;
+        let t = store.load_f32(&source_name(name))?;
         if t.dims() != var.dims() {
             return Err(TrainError::Checkpoint {
                 path: store.file_of(name),
@@ -236,6 +278,9 @@ pub struct RunOptions {
     pub threads: usize,
     /// Step checkpoints kept (the newest).
     pub keep_checkpoints: usize,
+    /// A fresh run's MTP depth when it should differ from the checkpoint's (see
+    /// [`load_trainable_with_mtp`]); a resumed run keeps its checkpoint's.
+    pub mtp_depth: Option<usize>,
 }
 
 /// Saved in each checkpoint: the step and the command's own resumable state.
@@ -339,7 +384,7 @@ impl<C: Serialize + DeserializeOwned + Clone> Run<C> {
             }
             (tm, opt, state.step, Some(state.extra))
         } else {
-            let tm = load_trainable(model_dir)?;
+            let tm = load_trainable_with_mtp(model_dir, opts.mtp_depth)?;
             let opt = new_adamw(&tm, &optim);
             let m = dir.join("metrics.jsonl");
             if m.exists() {

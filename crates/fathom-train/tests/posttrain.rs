@@ -116,6 +116,7 @@ fn run_options(lr: f64, out: &Path, steps: usize, resume: bool, stop: Option<usi
         stop_after: stop,
         threads: 2,
         keep_checkpoints: 2,
+        mtp_depth: None,
     }
 }
 
@@ -443,4 +444,66 @@ fn distillation_across_architectures_and_its_vocabulary_check() {
         .unwrap()
         .to_string();
     assert!(err.contains("tokenizer"), "{err}");
+}
+
+/// `--mtp-depth`: a fresh SFT run can deepen a checkpoint's MTP to two modules (the new one starts
+/// as a copy of the last, then trains on its own targets), the final checkpoint loads with both,
+/// and a model without MTP modules is refused with the file named.
+#[test]
+fn sft_can_add_an_mtp_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = micro_model(tmp.path(), "deepseek_v3", 5);
+    let deep = fathom_train::posttrain::load_trainable_with_mtp(&model, Some(2)).unwrap();
+    assert_eq!(deep.model.mtp.len(), 2);
+    let tensor = |tm: &TrainableModel, name: &str| -> Vec<f32> {
+        let data = tm.varmap.data().lock().unwrap();
+        data[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    // Layers 0–1 are the main model, 2 the first module, 3 the added one.
+    for name in [
+        "eh_proj.weight",
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "hnorm.weight",
+    ] {
+        assert_eq!(
+            tensor(&deep, &format!("model.layers.3.{name}")),
+            tensor(&deep, &format!("model.layers.2.{name}")),
+            "{name}"
+        );
+    }
+    let shallow = fathom_train::posttrain::load_trainable_with_mtp(&model, Some(0)).unwrap();
+    assert!(shallow.model.mtp.is_empty());
+
+    let data = worked_data(tmp.path(), 40);
+    let out = tmp.path().join("deeper");
+    let objective = SftObjective::CrossEntropy { mtp_weight: 0.5 };
+    let mut opts = sft_opts(sft_config(&model, &data, objective), &out, 3, false, None);
+    opts.run.mtp_depth = Some(2);
+    run_sft(opts).unwrap();
+    let trained = CausalLm::load(&out.join("final"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(trained.mtp.len(), 2);
+    assert_eq!(trained.cfg.num_nextn_predict_layers, 2);
+    let recs: Vec<Value> = read_records(&out.join("metrics.jsonl")).unwrap();
+    assert!(recs.iter().any(|r| r["mtp_loss"].as_f64().is_some()));
+    // The added module trained apart from its source: the two differ after the steps.
+    let after = load_trainable(&out.join("final")).unwrap();
+    assert_ne!(
+        tensor(&after, "model.layers.3.eh_proj.weight"),
+        tensor(&after, "model.layers.2.eh_proj.weight")
+    );
+
+    let dense = micro_model(&tmp.path().join("q"), "qwen2", 5);
+    let err = fathom_train::posttrain::load_trainable_with_mtp(&dense, Some(1))
+        .err()
+        .expect("no module to copy")
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("no MTP module"),
+        "{err}"
+    );
 }
