@@ -145,11 +145,11 @@ struct SamplingArgs {
     /// Stop when this string appears (repeatable); it is not included in the output.
     #[arg(long)]
     stop: Vec<String>,
-    /// MTP speculative decoding: tokens the MTP module drafts per step (models with MTP modules;
-    /// 0 = off, the default: on the MoE default model it gains little on this CPU engine, 1.05–1.17×
-    /// with 2 threads; dense models bound by their weights gain up to 1.6× — docs/speculative.md).
-    #[arg(long, default_value_t = 0)]
-    draft_tokens: usize,
+    /// MTP speculative decoding: tokens the MTP modules draft per step (models with MTP modules;
+    /// lossless). Default: one per module the model has, as DeepSeek-V3 deploys its one module;
+    /// 0 = off (as `--no-spec`). docs/speculative.md has the speed-ups per model and K.
+    #[arg(long)]
+    draft_tokens: Option<usize>,
     /// Never decode speculatively, whatever `--draft-tokens` says.
     #[arg(long)]
     no_spec: bool,
@@ -530,7 +530,11 @@ fn run_generation_with(
         stop: &s.stop,
         ignore_eos: s.ignore_eos,
         eos_ids: &eos,
-        draft_tokens: if s.no_spec { 0 } else { s.draft_tokens },
+        draft_tokens: if s.no_spec {
+            0
+        } else {
+            s.draft_tokens.unwrap_or(l.model.mtp.len())
+        },
     };
     let g = generate(&l.model, l.tok.as_ref(), prompt, &opts, on_text)?;
     if s.verbose {

@@ -110,6 +110,11 @@ fn generate_text_uses_embedded_default_model_and_chat_template() {
     assert!(ok, "{err}");
     assert!(!out.trim().is_empty());
     assert!(err.contains("tok/s"), "{err}");
+    // The default model has an MTP module: speculation is on by default, one draft per module.
+    assert!(
+        err.contains("MTP acceptance draft 1") && !err.contains("draft 2"),
+        "{err}"
+    );
     // Same seed, same output.
     let (_, again, _) = fathom(&[
         "generate",
@@ -122,6 +127,19 @@ fn generate_text_uses_embedded_default_model_and_chat_template() {
         "3",
     ]);
     assert_eq!(out, again);
+    // Greedy: the same text with speculation off.
+    let greedy = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "What is 9 * 8?", "--chat"];
+        args.extend_from_slice(&["--max-tokens", "24", "--temperature", "0", "--verbose"]);
+        args.extend_from_slice(extra);
+        let (ok, out, err) = fathom(&args);
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    let (spec, _) = greedy(&[]);
+    let (plain, plain_err) = greedy(&["--no-spec"]);
+    assert_eq!(spec, plain);
+    assert!(!plain_err.contains("MTP acceptance"), "{plain_err}");
 }
 
 #[test]
