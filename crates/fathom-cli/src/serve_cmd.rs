@@ -40,11 +40,15 @@ pub struct ServeArgs {
     /// Do not keep shared prompt prefixes' KV.
     #[arg(long)]
     no_prefix_cache: bool,
-    /// MTP speculative decoding: tokens each sequence's MTP module drafts per step (0 = off, the
-    /// default; models with MTP modules only; sequences that start from a prefix-cache hit decode
-    /// plainly). Lossless, but not faster for the default MoE model on CPU (docs/speculative.md).
-    #[arg(long, default_value_t = 0)]
-    draft_tokens: usize,
+    /// MTP speculative decoding: tokens each sequence's MTP modules draft per step (models with
+    /// MTP modules; default one per module for dense-layer models, off for MoE models — as
+    /// `generate`; 0 = off; sequences that start from a prefix-cache hit decode plainly).
+    #[arg(long)]
+    draft_tokens: Option<usize>,
+    /// Speculate only in steps where at most this many sequences decode: a batch already shares
+    /// each weight read among its rows, and verification rows stop paying (docs/speculative.md).
+    #[arg(long, default_value_t = fathom_engine::DEFAULT_SPEC_MAX_BATCH)]
+    spec_max_batch: usize,
     /// MTP modules that draft (default: all); past them the last is reused recursively.
     #[arg(long)]
     draft_modules: Option<usize>,
@@ -78,6 +82,9 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "fathom".into())
     });
+    let draft_tokens = a.draft_tokens.unwrap_or_else(|| {
+        fathom_engine::default_draft_tokens(&loaded.model.cfg, loaded.model.mtp.len())
+    });
     let engine = Engine::start(
         Arc::new(loaded.model),
         Some(tok.clone()),
@@ -88,7 +95,8 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             max_queue: a.max_queue,
             prefix_cache: !a.no_prefix_cache,
             block_size: 16,
-            draft_tokens: a.draft_tokens,
+            draft_tokens,
+            spec_max_batch: a.spec_max_batch,
         },
     )?;
     let state = AppState::new(

@@ -192,8 +192,8 @@ pub struct GenerateOptions<'a> {
     pub draft_tokens: usize,
 }
 
-/// Draft tokens per step `fathom bench` measures speculation with (generation leaves it off unless
-/// asked: on this CPU engine the default MoE model gains little from it, docs/speculative.md).
+/// Draft tokens per step `fathom bench` measures speculation with (it measures both sides; what the
+/// other commands use unless told is `speculative::default_draft_tokens`).
 pub const DEFAULT_DRAFT_TOKENS: usize = 2;
 
 /// The output side of decoding: every token goes through `emit`, which applies eos, stop

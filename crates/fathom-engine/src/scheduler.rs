@@ -39,7 +39,15 @@ pub struct SchedulerConfig {
     /// MTP speculative decoding: drafts per step for each sequence (0 = off; models without MTP
     /// modules and sequences that started from a prefix-cache hit decode plainly).
     pub draft_tokens: usize,
+    /// Speculate only in steps where at most this many sequences decode (vLLM's
+    /// `speculative_disable_by_batch_size`): a batch already reuses each weight across its rows,
+    /// so verification rows stop paying. Beyond it every sequence decodes one token a step and its
+    /// drafter takes the skipped rows in when drafting resumes.
+    pub spec_max_batch: usize,
 }
+
+/// `SchedulerConfig::spec_max_batch`'s default (measured in docs/speculative.md).
+pub const DEFAULT_SPEC_MAX_BATCH: usize = 4;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -51,6 +59,7 @@ impl Default for SchedulerConfig {
             prefix_cache: true,
             block_size: 16,
             draft_tokens: 0,
+            spec_max_batch: DEFAULT_SPEC_MAX_BATCH,
         }
     }
 }
@@ -124,6 +133,8 @@ pub struct EngineMetrics {
     /// Speculative decoding: drafts offered and accepted.
     pub draft_tokens: AtomicU64,
     pub accepted_draft_tokens: AtomicU64,
+    /// Steps in which speculating sequences decoded plainly (more than `spec_max_batch` decoding).
+    pub spec_paused_steps: AtomicU64,
 }
 
 struct Submission {
@@ -440,6 +451,13 @@ impl<'m> Loop<'m> {
             .chain((0..self.running.len()).filter(|&i| self.running[i].prefilling()))
             .collect();
         let context = self.model.rope.max_positions();
+        let decoding = self.running.iter().filter(|s| !s.prefilling()).count();
+        let speculate = decoding <= self.cfg.spec_max_batch;
+        if !speculate && self.running.iter().any(|s| s.spec.is_some()) {
+            self.metrics
+                .spec_paused_steps
+                .fetch_add(1, Ordering::Relaxed);
+        }
         for i in order {
             let s = &mut self.running[i];
             let n = if s.prefilling() {
@@ -450,7 +468,11 @@ impl<'m> Loop<'m> {
                 budget -= n;
                 n
             } else {
-                1 + Self::draft(self.model, s, self.cfg.draft_tokens, context)?
+                1 + if speculate {
+                    Self::draft(self.model, s, self.cfg.draft_tokens, context)?
+                } else {
+                    Self::skip_draft(s)
+                }
             };
             segments.push(Segment {
                 start: ids.len(),
@@ -529,6 +551,10 @@ impl<'m> Loop<'m> {
                 .map(|st| std::mem::take(&mut st.drafts))
                 .unwrap_or_default();
             if drafts.is_empty() {
+                if let Some(st) = &mut s.spec {
+                    // A step without drafts (speculation paused): the row waits for the drafter.
+                    st.hidden.push(hidden.narrow(0, seg.start, 1)?);
+                }
                 s.fed += 1;
                 generated += 1;
                 if let Some(reason) = Self::sample_one(s, &rows_logits[0], context)? {
@@ -621,6 +647,15 @@ impl<'m> Loop<'m> {
         st.hidden.clear();
         st.next.clear();
         Ok(st.drafts.len())
+    }
+
+    /// A speculating sequence decodes one token plainly this step: the token its row is fed with
+    /// joins the rows waiting for the drafter (their hidden states follow after the forward).
+    fn skip_draft(s: &mut Sequence) -> usize {
+        if let Some(st) = &mut s.spec {
+            st.next.push(s.tokens[s.fed]);
+        }
+        0
     }
 
     /// Sample the next token of `s` and take it; returns why it ends, if it does.

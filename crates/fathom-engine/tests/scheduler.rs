@@ -98,10 +98,10 @@ fn prompts(v: u32) -> Vec<Vec<u32>> {
 }
 
 fn batched_equals_alone(name: &str) {
-    batched_equals_alone_with(name, 0);
+    batched_equals_alone_with(name, 0, 4);
 }
 
-fn batched_equals_alone_with(name: &str, draft_tokens: usize) {
+fn batched_equals_alone_with(name: &str, draft_tokens: usize, spec_max_batch: usize) {
     let (model, tok) = load(name);
     let engine = Engine::start(
         model.clone(),
@@ -110,6 +110,7 @@ fn batched_equals_alone_with(name: &str, draft_tokens: usize) {
             max_seqs: 4,
             prefill_chunk: 5,
             draft_tokens,
+            spec_max_batch,
             // Prefix hits turn speculation off for a sequence; keep every sequence speculating.
             prefix_cache: draft_tokens == 0,
             ..Default::default()
@@ -137,6 +138,9 @@ fn batched_equals_alone_with(name: &str, draft_tokens: usize) {
             offered > 0 && accepted <= offered,
             "{offered} drafts, {accepted} accepted"
         );
+        let paused = engine.metrics.spec_paused_steps.load(Ordering::Relaxed);
+        // Four requests decode together at first: above the limit speculation pauses.
+        assert_eq!(paused > 0, spec_max_batch < 4, "{paused} paused steps");
     }
 }
 
@@ -149,8 +153,16 @@ fn batched_greedy_equals_alone_deepseek_v3() {
 /// sequences' prefill chunks and decode rows, caches rolled back per sequence): the same tokens.
 #[test]
 fn speculative_batched_greedy_equals_alone_deepseek_v3() {
-    batched_equals_alone_with("deepseek_v3_tiny", 2);
-    batched_equals_alone_with("deepseek_v3_tiny", 3);
+    batched_equals_alone_with("deepseek_v3_tiny", 2, 4);
+    batched_equals_alone_with("deepseek_v3_tiny", 3, 4);
+}
+
+/// Speculation paused while more sequences decode than `spec_max_batch` and resumed as they
+/// finish (the drafter taking the plainly decoded rows in): still the same tokens.
+#[test]
+fn paused_speculation_resumes_losslessly() {
+    batched_equals_alone_with("deepseek_v3_tiny", 2, 1);
+    batched_equals_alone_with("deepseek_v3_tiny", 3, 2);
 }
 
 #[test]

@@ -127,6 +127,12 @@ pub fn render(engine: &EngineMetrics, server: &ServerMetrics) -> String {
         "MTP speculative decoding: drafted tokens the model accepted (acceptance = accepted / drafted).",
         c(&engine.accepted_draft_tokens),
     );
+    line(
+        "fathom_spec_paused_steps_total",
+        "counter",
+        "MTP speculative decoding: steps decoded without drafts because more sequences than --spec-max-batch were decoding.",
+        c(&engine.spec_paused_steps),
+    );
     let g = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
     line(
         "fathom_requests_waiting",
