@@ -214,16 +214,7 @@ impl Drafter {
         for m in 0..chain {
             let start = self.valid[m];
             let ids: Vec<u32> = (start..=p).map(|i| token(i + m + 1, &drafted)).collect();
-            let next = model.embed(&Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?)?;
-            let out = model.mtp[m]
-                .forward_decode(
-                    &input.unsqueeze(0)?,
-                    &next,
-                    &model.rope,
-                    start,
-                    &mut self.caches[m].layers[0],
-                )?
-                .squeeze(0)?;
+            let out = run_module(model, m, &mut self.caches[m], &input, &ids, start)?;
             // Rows i < p + 1 − m read only verified tokens.
             let verified = (p + 1).saturating_sub(m).max(start);
             if m > 0 {
@@ -235,13 +226,7 @@ impl Drafter {
             }
             self.valid[m] = verified;
             let last = out.narrow(0, p - start, 1)?;
-            let logits: Vec<f32> = model
-                .logits(&last.unsqueeze(0)?)?
-                .flatten_all()?
-                .to_vec1()?;
-            let d = pick(&logits, &drafted);
-            drafted.push(d.token);
-            drafts.push(d);
+            take_draft(model, &last, pick, &mut drafted, &mut drafts)?;
             if m + 1 < modules {
                 // Module m + 1's inputs: the carried verified states, then this call's outputs.
                 let fresh = out.narrow(0, 0, verified - start)?;
@@ -267,20 +252,8 @@ impl Drafter {
         let mut prev = last_out.expect("the chain runs at least module 0");
         while drafts.len() < k && pos < model.rope.max_positions() {
             let t = *drafted.last().expect("one draft at least");
-            let next = model.embed(&Tensor::new(&[t], &model.device)?.unsqueeze(0)?)?;
-            let h = model.mtp[reused]
-                .forward_decode(
-                    &prev.unsqueeze(0)?,
-                    &next,
-                    &model.rope,
-                    pos,
-                    &mut self.caches[reused].layers[0],
-                )?
-                .squeeze(0)?;
-            let logits: Vec<f32> = model.logits(&h.unsqueeze(0)?)?.flatten_all()?.to_vec1()?;
-            let d = pick(&logits, &drafted);
-            drafted.push(d.token);
-            drafts.push(d);
+            let h = run_module(model, reused, &mut self.caches[reused], &prev, &[t], pos)?;
+            take_draft(model, &h, pick, &mut drafted, &mut drafts)?;
             prev = h;
             pos += 1;
         }
@@ -290,6 +263,46 @@ impl Drafter {
         }
         Ok(drafts)
     }
+}
+
+/// MTP module `m` over rows start.. : input states [rows, d] and the token each row reads; its cache
+/// grows by the rows. Returns its output states [rows, d].
+fn run_module(
+    model: &CausalLm,
+    m: usize,
+    cache: &mut KvCache,
+    input: &Tensor,
+    ids: &[u32],
+    start: usize,
+) -> Result<Tensor> {
+    let next = model.embed(&Tensor::new(ids, &model.device)?.unsqueeze(0)?)?;
+    model.mtp[m]
+        .forward_decode(
+            &input.unsqueeze(0)?,
+            &next,
+            &model.rope,
+            start,
+            &mut cache.layers[0],
+        )?
+        .squeeze(0)
+}
+
+/// The draft one output state [1, d] gives (through the shared head and `pick`), appended.
+fn take_draft(
+    model: &CausalLm,
+    state: &Tensor,
+    pick: &mut dyn FnMut(&[f32], &[u32]) -> Draft,
+    drafted: &mut Vec<u32>,
+    drafts: &mut Vec<Draft>,
+) -> Result<()> {
+    let logits: Vec<f32> = model
+        .logits(&state.unsqueeze(0)?)?
+        .flatten_all()?
+        .to_vec1()?;
+    let d = pick(&logits, drafted);
+    drafted.push(d.token);
+    drafts.push(d);
+    Ok(())
 }
 
 /// The target's verdict on one step's drafts.
