@@ -269,6 +269,10 @@ pub struct GrpoArgs {
     /// Weight of the format reward (accuracy has weight 1).
     #[arg(long, default_value_t = 0.5)]
     format_weight: f64,
+    /// Weight of a rule-based process reward: the share of `lhs = rhs` lines in the reasoning that
+    /// are arithmetically true (0 = R1's accuracy and format rewards only).
+    #[arg(long, default_value_t = 0.0)]
+    equations_weight: f64,
     /// Held-out evaluation every N rollout batches (0: at the start and end only).
     #[arg(long, default_value_t = 10)]
     eval_every: usize,
@@ -333,6 +337,7 @@ pub fn cmd_grpo(a: GrpoArgs, model: PathBuf) -> Result<()> {
         drop_uniform_groups: a.drop_uniform_groups,
         inner_iterations: a.mu,
         format_weight: a.format_weight,
+        equations_weight: a.equations_weight,
         seed: a.run.seed,
         eval_every: a.eval_every,
         eval_problems: a.eval_n,

@@ -23,7 +23,7 @@ use crate::grpo::{
 use crate::posttrain::{
     on_ranges, parallel_gradients, snapshot, split_ranges, worker_threads, Run, RunOptions,
 };
-use crate::rewards::RewardSet;
+use crate::rewards::{Equations, RewardSet};
 use crate::tasks::{Problem, Split};
 use candle_core::{DType, Device, Tensor};
 use fathom_core::TextTokenizer;
@@ -60,6 +60,9 @@ pub struct GrpoConfig {
     /// μ: optimizer steps per batch of rollouts.
     pub inner_iterations: usize,
     pub format_weight: f64,
+    /// Weight of the reasoning-steps reward (`rewards::Equations`; 0 = R1's two rewards only).
+    #[serde(default)]
+    pub equations_weight: f64,
     pub seed: u64,
     /// Held-out evaluation every this many steps (0 = only at the start and end).
     pub eval_every: usize,
@@ -99,7 +102,10 @@ pub struct GrpoSummary {
 }
 
 pub const GRPO_PANELS: &[(&str, &[&str])] = &[
-    ("reward (train rollouts)", &["reward", "accuracy", "format"]),
+    (
+        "reward (train rollouts)",
+        &["reward", "accuracy", "format", "equations"],
+    ),
     (
         "held-out accuracy (greedy) and pass@k",
         &["eval_accuracy", "eval_pass_at_k", "eval_format"],
@@ -287,7 +293,10 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
     } else {
         None
     };
-    let rewards = RewardSet::r1(cfg.format_weight);
+    let mut rewards = RewardSet::r1(cfg.format_weight);
+    if cfg.equations_weight > 0.0 {
+        rewards = rewards.with(Box::new(Equations), cfg.equations_weight);
+    }
     let threads = worker_threads(opts.run.threads);
     let eval_opts = EvalOptions {
         max_tokens: cfg.max_tokens,
@@ -486,6 +495,9 @@ pub fn run_grpo(opts: GrpoOptions) -> anyhow::Result<GrpoSummary> {
                 "lr_x1000": lr * 1000.0,
                 "grad_norm": grad_norm,
             });
+            if cfg.equations_weight > 0.0 {
+                rec["equations"] = mean_part("equations").into();
+            }
             let done = run.step % mu == 0 || run.done();
             let batch_no = run.step.div_ceil(mu);
             let eval_due = done && cfg.eval_every > 0 && batch_no % cfg.eval_every == 0;

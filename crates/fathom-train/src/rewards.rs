@@ -1,6 +1,8 @@
 //! Rule-based rewards (DeepSeek-R1 §2.2.2): an accuracy reward that checks the final answer and a
 //! format reward for the R1-Zero template `<think> … </think> <answer> … </answer>`. Rewards are
-//! pluggable ([`Reward`]) and composed with weights ([`RewardSet`]).
+//! pluggable ([`Reward`]) and composed with weights ([`RewardSet`]). Beside R1's two, an optional
+//! rule-based process reward ([`Equations`]): the share of the reasoning's `lhs = rhs` lines that
+//! are arithmetically true — credit for right steps when the final answer is still wrong.
 //!
 //! Parsing is deliberately strict and never panics: the answer is the content of the *last*
 //! `<answer>…</answer>` pair, else of the last `\boxed{…}` (braces balanced); numbers compare as
@@ -127,6 +129,120 @@ impl Reward for Format {
     }
 }
 
+/// The share of `lhs = rhs` lines inside `<think>…</think>` (the whole completion without one) whose
+/// two sides are integer expressions (+ − × / and parentheses, exact integer arithmetic) of equal
+/// value; lines that are not such an equation are not counted, and a completion without any
+/// scores 0. A process reward: it grades the steps a worked solution writes ("7 + 8 = 15",
+/// "5 * 6 + 1 = 31"), so a group whose answers are all wrong still tells better reasoning from
+/// worse. It can be gamed with padding of true trivia, which is why accuracy keeps the larger
+/// weight.
+pub struct Equations;
+
+impl Reward for Equations {
+    fn name(&self) -> &str {
+        "equations"
+    }
+    fn score(&self, _problem: &Problem, completion: &str) -> f64 {
+        let body = match (completion.find("<think>"), completion.find("</think>")) {
+            (Some(a), Some(b)) if a < b => &completion[a + "<think>".len()..b],
+            _ => completion,
+        };
+        let (mut counted, mut right) = (0usize, 0usize);
+        for line in body.lines() {
+            let Some((lhs, rhs)) = line.split_once('=') else {
+                continue;
+            };
+            if rhs.contains('=') {
+                continue;
+            }
+            if let (Some(a), Some(b)) = (evaluate(lhs), evaluate(rhs)) {
+                counted += 1;
+                right += usize::from(a == b);
+            }
+        }
+        if counted == 0 {
+            0.0
+        } else {
+            right as f64 / counted as f64
+        }
+    }
+}
+
+/// Value of an integer expression over + − * × / ÷ and parentheses (unary minus allowed); `None`
+/// for anything else, overflow, inexact or zero division, or nesting past 64 levels.
+pub fn evaluate(expr: &str) -> Option<i128> {
+    let tokens: Vec<char> = expr.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut p = ExprParser { t: &tokens, i: 0 };
+    let v = p.sum(0)?;
+    (p.i == tokens.len()).then_some(v)
+}
+
+struct ExprParser<'a> {
+    t: &'a [char],
+    i: usize,
+}
+
+impl ExprParser<'_> {
+    fn peek(&self) -> Option<char> {
+        self.t.get(self.i).copied()
+    }
+    fn sum(&mut self, depth: usize) -> Option<i128> {
+        let mut v = self.product(depth)?;
+        while let Some(c @ ('+' | '-' | '−')) = self.peek() {
+            self.i += 1;
+            let r = self.product(depth)?;
+            v = if c == '+' {
+                v.checked_add(r)?
+            } else {
+                v.checked_sub(r)?
+            };
+        }
+        Some(v)
+    }
+    fn product(&mut self, depth: usize) -> Option<i128> {
+        let mut v = self.unary(depth)?;
+        while let Some(c @ ('*' | '×' | '/' | '÷')) = self.peek() {
+            self.i += 1;
+            let r = self.unary(depth)?;
+            v = if c == '*' || c == '×' {
+                v.checked_mul(r)?
+            } else if r != 0 && v % r == 0 {
+                v / r
+            } else {
+                return None;
+            };
+        }
+        Some(v)
+    }
+    fn unary(&mut self, depth: usize) -> Option<i128> {
+        if depth > 64 {
+            return None;
+        }
+        match self.peek()? {
+            '-' | '−' => {
+                self.i += 1;
+                self.unary(depth + 1)?.checked_neg()
+            }
+            '(' => {
+                self.i += 1;
+                let v = self.sum(depth + 1)?;
+                (self.peek()? == ')').then_some(())?;
+                self.i += 1;
+                Some(v)
+            }
+            c if c.is_ascii_digit() => {
+                let start = self.i;
+                while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+                    self.i += 1;
+                }
+                let digits: String = self.t[start..self.i].iter().collect();
+                digits.parse().ok()
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Weighted components; the total is Σ wᵢ·rᵢ.
 pub struct RewardSet {
     pub components: Vec<(Box<dyn Reward>, f64)>,
@@ -145,6 +261,12 @@ impl RewardSet {
         RewardSet {
             components: vec![(Box::new(Accuracy), 1.0), (Box::new(Format), format_weight)],
         }
+    }
+
+    /// Add a component.
+    pub fn with(mut self, reward: Box<dyn Reward>, weight: f64) -> Self {
+        self.components.push((reward, weight));
+        self
     }
 
     pub fn score(&self, problem: &Problem, completion: &str) -> Scored {
@@ -166,6 +288,49 @@ impl RewardSet {
 mod tests {
     use super::*;
     use crate::tasks::Problem;
+
+    #[test]
+    fn equations_grade_the_reasoning_steps() {
+        let p = Problem::exact("What is 52 * 6?", "312");
+        let right =
+            "<think>\n2 * 6 = 12\n5 * 6 + 1 = 31\n52 * 6 = 312\n</think>\n<answer>312</answer>";
+        assert_eq!(Equations.score(&p, right), 1.0);
+        // One wrong step of three, and a wrong final line: 1/3 right.
+        let wrong =
+            "<think>\n2 * 6 = 12\n5 * 6 + 1 = 32\n52 * 6 = 322\n</think>\n<answer>322</answer>";
+        assert!((Equations.score(&p, wrong) - 1.0 / 3.0).abs() < 1e-12);
+        // Negative results, parentheses, unary minus, × and ÷; prose lines are not counted.
+        let mixed = "<think>\nwe borrow here\n32 - 69 = -(69 - 32)\n32 - 69 = -37\n(3 × 4) ÷ 6 = 2\n</think>";
+        assert_eq!(Equations.score(&p, mixed), 1.0);
+        // Adversarial: no equations, chained '=', inexact division, overflow, huge numbers,
+        // unbalanced parentheses, deep nesting, text outside <think> when it exists.
+        for junk in [
+            "<answer>312</answer>",
+            "<think>1 = 1 = 1</think>",
+            "<think>7 / 2 = 3</think>",
+            "<think>99999999999999999999 * 99999999999999999999 = 1</think>",
+            "<think>123456789012345678901234567890123456789012345 = 5</think>",
+            "<think>(1 + 2 = 3</think>",
+            "<think>x + 1 = 2</think>",
+        ] {
+            assert_eq!(Equations.score(&p, junk), 0.0, "{junk}");
+        }
+        let deep = format!("<think>{}1{} = 1</think>", "(".repeat(500), ")".repeat(500));
+        assert_eq!(Equations.score(&p, &deep), 0.0);
+        let outside = "2 + 2 = 5\n<think>2 + 2 = 4</think>";
+        assert_eq!(Equations.score(&p, outside), 1.0);
+        assert_eq!(evaluate("-(-3) * 2 - 10 / 5"), Some(4));
+        assert_eq!(evaluate("1 +"), None);
+        assert_eq!(evaluate(""), None);
+        // Composed: accuracy 1, format 0.5, equations 0.5.
+        let set = RewardSet::r1(0.5).with(Box::new(Equations), 0.5);
+        let scored = set.score(&p, wrong);
+        assert!(
+            (scored.total - (0.0 + 0.5 + 0.5 / 3.0)).abs() < 1e-12,
+            "{scored:?}"
+        );
+        assert_eq!(scored.parts[2].0, "equations");
+    }
 
     fn arith(answer: &str) -> Problem {
         Problem::exact("What is 2 + 2?", answer)

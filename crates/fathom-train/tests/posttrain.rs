@@ -240,6 +240,7 @@ fn grpo_config(model: &Path, mu: usize, beta: f64) -> GrpoConfig {
         drop_uniform_groups: false,
         inner_iterations: mu,
         format_weight: 0.5,
+        equations_weight: 0.0,
         seed: 4,
         eval_every: 2,
         eval_problems: 2,
