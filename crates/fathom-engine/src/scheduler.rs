@@ -49,6 +49,10 @@ pub struct SchedulerConfig {
 /// `SchedulerConfig::spec_max_batch`'s default (measured in docs/speculative.md).
 pub const DEFAULT_SPEC_MAX_BATCH: usize = 4;
 
+/// Paused steps in a row a sequence's drafter may fall behind before the sequence stops
+/// speculating (their hidden states are held until drafting resumes: 256 × hidden_size floats).
+const MAX_WAITING_ROWS: usize = 256;
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
@@ -265,6 +269,8 @@ struct SpecState {
     next: Vec<u32>,
     offset: usize,
     drafts: Vec<Draft>,
+    /// Steps decoded without drafting since the last draft.
+    paused: usize,
 }
 
 impl Sequence<'_> {
@@ -419,6 +425,7 @@ impl<'m> Loop<'m> {
                     hidden: vec![],
                     next: vec![],
                     offset: 0,
+                    paused: 0,
                     drafts: vec![],
                 });
             self.running.push(Sequence {
@@ -644,16 +651,24 @@ impl<'m> Loop<'m> {
         st.drafts = st
             .drafter
             .draft(model, &hidden, &st.next, st.offset, k, &mut pick)?;
+        st.paused = 0;
         st.hidden.clear();
         st.next.clear();
         Ok(st.drafts.len())
     }
 
     /// A speculating sequence decodes one token plainly this step: the token its row is fed with
-    /// joins the rows waiting for the drafter (their hidden states follow after the forward).
+    /// joins the rows waiting for the drafter (their hidden states follow after the forward). A
+    /// sequence whose drafter has waited through `MAX_WAITING_ROWS` such steps stops speculating,
+    /// which bounds the hidden states held for it.
     fn skip_draft(s: &mut Sequence) -> usize {
         if let Some(st) = &mut s.spec {
-            st.next.push(s.tokens[s.fed]);
+            if st.paused >= MAX_WAITING_ROWS {
+                s.spec = None;
+            } else {
+                st.paused += 1;
+                st.next.push(s.tokens[s.fed]);
+            }
         }
         0
     }
