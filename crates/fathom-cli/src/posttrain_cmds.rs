@@ -287,9 +287,10 @@ pub struct GrpoArgs {
     save_every: usize,
     #[arg(long, default_value_t = 1)]
     log_every: usize,
-    /// MTP speculative decoding in rollouts: drafts per step (0 = off).
-    #[arg(long, default_value_t = 0)]
-    draft_tokens: usize,
+    /// MTP speculative decoding in rollouts: drafts per step (0 = off). Default as `generate`:
+    /// one per MTP module for models with dense main layers, off for MoE models.
+    #[arg(long)]
+    draft_tokens: Option<usize>,
     /// System prompt of every question: none, r1-zero or the text.
     #[arg(long, default_value = "none")]
     system: String,
@@ -321,6 +322,13 @@ pub fn cmd_grpo(a: GrpoArgs, model: PathBuf) -> Result<()> {
             );
         }
     }
+    let draft_tokens = match a.draft_tokens {
+        Some(k) => k,
+        None => {
+            let cfg = fathom_core::ModelConfig::from_path(&model)?;
+            fathom_engine::default_draft_tokens(&cfg, cfg.num_nextn_predict_layers)
+        }
+    };
     let config = GrpoConfig {
         model,
         task: a.task.clone(),
@@ -344,7 +352,7 @@ pub fn cmd_grpo(a: GrpoArgs, model: PathBuf) -> Result<()> {
         eval_k: a.eval_k,
         save_every: a.save_every,
         log_every: a.log_every,
-        draft_tokens: a.draft_tokens,
+        draft_tokens,
         system: system_prompt(&a.system),
     };
     let s = run_grpo(GrpoOptions {

@@ -776,6 +776,10 @@ fn post_training_commands_end_to_end() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["steps"], 1);
     assert_eq!(v["evals"].as_array().unwrap().len(), 2, "{v}");
+    // The default model's main layers are MoE: rollouts do not speculate unless asked.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("grpo/run_config.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["draft_tokens"], 0, "{run}");
     // Two steps of SFT do not teach the model to finish an answer, so every trace is cut off and
     // none is kept: distillation says so instead of training on nothing.
     let (ok, _, err) = fathom(&[
