@@ -8,7 +8,7 @@
 //! `<answer>…</answer>` pair, else of the last `\boxed{…}` (braces balanced); numbers compare as
 //! normalised digit strings, so arbitrarily large values neither overflow nor round.
 
-use crate::tasks::Problem;
+use crate::tasks::{eval_signed_expression, Problem};
 
 /// The final answer a completion commits to: the last `<answer>…</answer>` content, else the last
 /// balanced `\boxed{…}` content, trimmed. `None` when there is neither.
@@ -130,9 +130,9 @@ impl Reward for Format {
 }
 
 /// The share of `lhs = rhs` lines inside `<think>…</think>` (the whole completion without one) whose
-/// two sides are integer expressions (+ − × / and parentheses, exact integer arithmetic) of equal
-/// value; lines that are not such an equation are not counted, and a completion without any
-/// scores 0. A process reward: it grades the steps a worked solution writes ("7 + 8 = 15",
+/// two sides are expressions over integers (+ − × ÷, parentheses, unary minus; exact rational
+/// arithmetic, [`eval_signed_expression`]) of equal value; lines that are not such an equation
+/// are not counted, and a completion without any scores 0. A process reward: it grades the steps a worked solution writes ("7 + 8 = 15",
 /// "5 * 6 + 1 = 31"), so a group whose answers are all wrong still tells better reasoning from
 /// worse. It can be gamed with padding of true trivia, which is why accuracy keeps the larger
 /// weight.
@@ -155,7 +155,9 @@ impl Reward for Equations {
             if rhs.contains('=') {
                 continue;
             }
-            if let (Some(a), Some(b)) = (evaluate(lhs), evaluate(rhs)) {
+            if let (Some((a, _)), Some((b, _))) =
+                (eval_signed_expression(lhs), eval_signed_expression(rhs))
+            {
                 counted += 1;
                 right += usize::from(a == b);
             }
@@ -164,81 +166,6 @@ impl Reward for Equations {
             0.0
         } else {
             right as f64 / counted as f64
-        }
-    }
-}
-
-/// Value of an integer expression over + − * × / ÷ and parentheses (unary minus allowed); `None`
-/// for anything else, overflow, inexact or zero division, or nesting past 64 levels.
-pub fn evaluate(expr: &str) -> Option<i128> {
-    let tokens: Vec<char> = expr.chars().filter(|c| !c.is_whitespace()).collect();
-    let mut p = ExprParser { t: &tokens, i: 0 };
-    let v = p.sum(0)?;
-    (p.i == tokens.len()).then_some(v)
-}
-
-struct ExprParser<'a> {
-    t: &'a [char],
-    i: usize,
-}
-
-impl ExprParser<'_> {
-    fn peek(&self) -> Option<char> {
-        self.t.get(self.i).copied()
-    }
-    fn sum(&mut self, depth: usize) -> Option<i128> {
-        let mut v = self.product(depth)?;
-        while let Some(c @ ('+' | '-' | '−')) = self.peek() {
-            self.i += 1;
-            let r = self.product(depth)?;
-            v = if c == '+' {
-                v.checked_add(r)?
-            } else {
-                v.checked_sub(r)?
-            };
-        }
-        Some(v)
-    }
-    fn product(&mut self, depth: usize) -> Option<i128> {
-        let mut v = self.unary(depth)?;
-        while let Some(c @ ('*' | '×' | '/' | '÷')) = self.peek() {
-            self.i += 1;
-            let r = self.unary(depth)?;
-            v = if c == '*' || c == '×' {
-                v.checked_mul(r)?
-            } else if r != 0 && v % r == 0 {
-                v / r
-            } else {
-                return None;
-            };
-        }
-        Some(v)
-    }
-    fn unary(&mut self, depth: usize) -> Option<i128> {
-        if depth > 64 {
-            return None;
-        }
-        match self.peek()? {
-            '-' | '−' => {
-                self.i += 1;
-                self.unary(depth + 1)?.checked_neg()
-            }
-            '(' => {
-                self.i += 1;
-                let v = self.sum(depth + 1)?;
-                (self.peek()? == ')').then_some(())?;
-                self.i += 1;
-                Some(v)
-            }
-            c if c.is_ascii_digit() => {
-                let start = self.i;
-                while self.peek().is_some_and(|c| c.is_ascii_digit()) {
-                    self.i += 1;
-                }
-                let digits: String = self.t[start..self.i].iter().collect();
-                digits.parse().ok()
-            }
-            _ => None,
         }
     }
 }
@@ -307,7 +234,7 @@ mod tests {
         for junk in [
             "<answer>312</answer>",
             "<think>1 = 1 = 1</think>",
-            "<think>7 / 2 = 3</think>",
+            "<think>7 / 2 = 3</think>", // counted, and wrong
             "<think>99999999999999999999 * 99999999999999999999 = 1</think>",
             "<think>123456789012345678901234567890123456789012345 = 5</think>",
             "<think>(1 + 2 = 3</think>",
@@ -319,9 +246,13 @@ mod tests {
         assert_eq!(Equations.score(&p, &deep), 0.0);
         let outside = "2 + 2 = 5\n<think>2 + 2 = 4</think>";
         assert_eq!(Equations.score(&p, outside), 1.0);
-        assert_eq!(evaluate("-(-3) * 2 - 10 / 5"), Some(4));
-        assert_eq!(evaluate("1 +"), None);
-        assert_eq!(evaluate(""), None);
+        let value = |e: &str| eval_signed_expression(e).map(|(v, _)| v);
+        assert_eq!(value("-(-3) * 2 - 10 / 5"), Some((4, 1)));
+        assert_eq!(value("3 * -2"), Some((-6, 1)));
+        assert_eq!(value("1 +"), None);
+        assert_eq!(value(""), None);
+        // Countdown keeps binary operators only.
+        assert_eq!(crate::tasks::eval_expression("-(3)"), None);
         // Composed: accuracy 1, format 0.5, equations 0.5.
         let set = RewardSet::r1(0.5).with(Box::new(Equations), 0.5);
         let scored = set.score(&p, wrong);

@@ -194,8 +194,18 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>, String> {
 
 /// Exact rational value (numerator, denominator > 0, reduced) of an expression with + − × ÷ and
 /// parentheses over non-negative integers, and the integers it used. `None` on a syntax error,
-/// division by zero or overflow.
+/// division by zero, overflow or nesting past 64 levels.
 pub fn eval_expression(s: &str) -> Option<((i128, i128), Vec<i64>)> {
+    eval_with(s, false)
+}
+
+/// As [`eval_expression`], also allowing unary minus (`-(69 - 32)`, `3 * -2`): the worked
+/// solutions' steps (`rewards::Equations`). Countdown keeps the binary operators only.
+pub fn eval_signed_expression(s: &str) -> Option<((i128, i128), Vec<i64>)> {
+    eval_with(s, true)
+}
+
+fn eval_with(s: &str, unary_minus: bool) -> Option<((i128, i128), Vec<i64>)> {
     let tokens: Vec<char> = s
         .chars()
         .filter(|c| !c.is_whitespace())
@@ -210,6 +220,8 @@ pub fn eval_expression(s: &str) -> Option<((i128, i128), Vec<i64>)> {
         t: &tokens,
         i: 0,
         used: vec![],
+        unary_minus,
+        depth: 0,
     };
     let v = p.sum()?;
     (p.i == tokens.len()).then_some((v, p.used))
@@ -219,6 +231,9 @@ struct Parser<'a> {
     t: &'a [char],
     i: usize,
     used: Vec<i64>,
+    unary_minus: bool,
+    /// Nesting of parentheses and unary minus (bounded: the input is model output).
+    depth: usize,
 }
 
 fn gcd(a: i128, b: i128) -> i128 {
@@ -270,13 +285,25 @@ impl Parser<'_> {
         Some(v)
     }
     fn atom(&mut self) -> Option<(i128, i128)> {
+        if self.depth >= 64 {
+            return None;
+        }
         match self.peek()? {
             '(' => {
                 self.i += 1;
+                self.depth += 1;
                 let v = self.sum()?;
+                self.depth -= 1;
                 (self.peek()? == ')').then_some(())?;
                 self.i += 1;
                 Some(v)
+            }
+            '-' if self.unary_minus => {
+                self.i += 1;
+                self.depth += 1;
+                let (n, d) = self.atom()?;
+                self.depth -= 1;
+                Some((n.checked_neg()?, d))
             }
             c if c.is_ascii_digit() => {
                 let start = self.i;
