@@ -149,15 +149,8 @@ impl Drafter {
         if modules == 0 {
             return None;
         }
-        let cache = || {
-            if model.cfg.mla.is_some() {
-                KvCache::new_latent(1)
-            } else {
-                KvCache::new(1)
-            }
-        };
         Some(Drafter {
-            caches: (0..modules).map(|_| cache()).collect(),
+            caches: (0..modules).map(|_| model.new_mtp_cache()).collect(),
             valid: vec![0; modules],
             carry: vec![None; modules],
             next_of: Vec::new(),

@@ -250,10 +250,19 @@ impl CausalLm {
     /// The fastest cache for this architecture: MLA's latent cache (absorbed decode) for
     /// DeepSeek models, the plain k/v cache for GQA models.
     pub fn new_cache(&self) -> KvCache {
+        self.fastest_cache(self.layers.len())
+    }
+
+    /// The same kind of cache for one MTP module's block (speculative drafting).
+    pub fn new_mtp_cache(&self) -> KvCache {
+        self.fastest_cache(1)
+    }
+
+    fn fastest_cache(&self, layers: usize) -> KvCache {
         if self.cfg.mla.is_some() {
-            KvCache::new_latent(self.layers.len())
+            KvCache::new_latent(layers)
         } else {
-            KvCache::new(self.layers.len())
+            KvCache::new(layers)
         }
     }
 

@@ -85,7 +85,7 @@ pub fn load_trainable_with_mtp(dir: &Path, mtp_depth: Option<usize>) -> Result<T
         .and_then(|v| v.as_u64())
         .unwrap_or(0) as usize;
     if let Some(depth) = mtp_depth {
-        if depth > stored_depth && stored_depth == 0 {
+        if depth > 0 && stored_depth == 0 {
             return Err(TrainError::Checkpoint {
                 path: cfg_path,
                 msg: format!(
