@@ -585,6 +585,10 @@ pub struct TasksArgs {
     n: usize,
     #[arg(long, value_enum, default_value = "worked")]
     style: TaskStyle,
+    /// With `--style worked`: the share of problems given worked solutions, spread evenly; the
+    /// others get the answer alone (a cold start in which most examples show no reasoning).
+    #[arg(long, default_value_t = 1.0)]
+    worked_share: f64,
     /// Take held-out problems instead of training ones.
     #[arg(long)]
     held_out: bool,
@@ -598,6 +602,13 @@ pub struct TasksArgs {
     out: PathBuf,
 }
 
+/// Whether problem `i` of a `--worked-share` file gets a worked solution: the worked ones are
+/// spread evenly (problem i is worked when ⌊(i+1)·share⌋ passes ⌊i·share⌋), so any prefix of the
+/// file holds the share, and the problems themselves are already random.
+fn gets_worked_solution(i: usize, share: f64) -> bool {
+    ((i + 1) as f64 * share).floor() > (i as f64 * share).floor()
+}
+
 pub fn cmd_tasks(a: TasksArgs) -> Result<()> {
     let source = TaskSource::parse(&a.task);
     if matches!(source, TaskSource::File(_)) {
@@ -605,6 +616,15 @@ pub fn cmd_tasks(a: TasksArgs) -> Result<()> {
     }
     if a.style == TaskStyle::Problems && matches!(source, TaskSource::Countdown) {
         bail!("--style problems writes exact answers; countdown is checked by its expression (use --task countdown directly)");
+    }
+    if !(0.0..=1.0).contains(&a.worked_share) {
+        bail!(
+            "--worked-share must be between 0 and 1, got {}",
+            a.worked_share
+        );
+    }
+    if a.worked_share != 1.0 && a.style != TaskStyle::Worked {
+        bail!("--worked-share applies to --style worked only");
     }
     let split = if a.held_out {
         Split::HeldOut
@@ -618,15 +638,16 @@ pub fn cmd_tasks(a: TasksArgs) -> Result<()> {
     let system = system.as_deref();
     let lines = problems
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             Ok(match a.style {
                 TaskStyle::Problems => json!({"prompt": p.question, "answer": p.reference()}),
-                TaskStyle::Worked => conversation(
+                TaskStyle::Worked if gets_worked_solution(i, a.worked_share) => conversation(
                     p,
                     &reference_answer(p, Style::Worked).map_err(anyhow::Error::msg)?,
                     system,
                 ),
-                TaskStyle::Answer => conversation(
+                TaskStyle::Worked | TaskStyle::Answer => conversation(
                     p,
                     &reference_answer(p, Style::Answer).map_err(anyhow::Error::msg)?,
                     system,

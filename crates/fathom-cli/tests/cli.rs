@@ -731,6 +731,49 @@ fn post_training_commands_end_to_end() {
     assert!(ok, "{err}");
     let line = std::fs::read_to_string(p("sft.jsonl")).unwrap();
     assert!(line.lines().count() == 40 && line.contains("</think>\\n<answer>"));
+    // A mixed cold start: a quarter of the problems worked, the rest answer-only, evenly spread.
+    let (ok, _, err) = fathom(&[
+        "tasks",
+        "--task",
+        "arithmetic:2",
+        "--n",
+        "40",
+        "--style",
+        "worked",
+        "--worked-share",
+        "0.25",
+        "--out",
+        &p("mixed.jsonl"),
+    ]);
+    assert!(ok, "{err}");
+    let mixed = std::fs::read_to_string(p("mixed.jsonl")).unwrap();
+    let worked: Vec<bool> = mixed
+        .lines()
+        .map(|l| !l.contains("<think>\\n</think>"))
+        .collect();
+    assert_eq!(worked.len(), 40);
+    assert_eq!(worked.iter().filter(|&&w| w).count(), 10);
+    assert!(worked
+        .chunks(4)
+        .all(|c| c.iter().filter(|&&w| w).count() == 1));
+    // Same problems as the all-worked file, only the solutions differ.
+    for (a, b) in line.lines().zip(mixed.lines()) {
+        let question = |s: &str| {
+            let v: serde_json::Value = serde_json::from_str(s).unwrap();
+            v["messages"][0]["content"].as_str().unwrap().to_string()
+        };
+        assert_eq!(question(a), question(b));
+    }
+    let (ok, _, err) = fathom(&[
+        "tasks",
+        "--n",
+        "4",
+        "--worked-share",
+        "1.5",
+        "--out",
+        &p("bad.jsonl"),
+    ]);
+    assert!(!ok && err.contains("--worked-share"), "{err}");
     let (ok, out, err) = fathom(&[
         "sft",
         "--data",

@@ -22,7 +22,7 @@ pub use generate::{
 pub use prefix_cache::PrefixCache;
 pub use sampler::{token_logprobs, Sampler, SamplingParams};
 pub use scheduler::{
-    Engine, EngineMetrics, Event, Request, SchedulerConfig, SubmitError, TokenLogprob,
-    DEFAULT_SPEC_MAX_BATCH,
+    generate_batch, BatchOutput, Engine, EngineMetrics, Event, Request, SchedulerConfig,
+    SubmitError, TokenLogprob, DEFAULT_SPEC_MAX_BATCH,
 };
 pub use speculative::{default_draft_tokens, SpecStats};

@@ -240,6 +240,108 @@ impl Engine {
     }
 }
 
+/// One request's result from [`generate_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOutput {
+    /// Generated ids (an ending eos is not among them: see `finish`).
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// Generate every request to its end in the calling thread, batched as the engine thread batches
+/// (continuous batching over `config.max_seqs` sequences, chunked prefill, MTP speculation per
+/// `config.draft_tokens`). All requests are queued, in order, before the first step, so the
+/// batches and therefore the results are a function of the inputs alone: offline work such as
+/// GRPO rollouts gets the engine's batching and stays reproducible. Requests must each fit
+/// `config.max_kv_bytes`; the error names the first that does not.
+pub fn generate_batch(
+    model: &CausalLm,
+    tok: Option<&TextTokenizer>,
+    config: SchedulerConfig,
+    requests: Vec<Request>,
+) -> candle_core::Result<Vec<BatchOutput>> {
+    let mut probe = model.new_cache();
+    model.forward(&Tensor::new(&[[0u32]], &model.device)?, 0, Some(&mut probe))?;
+    let kv_bytes_per_token = probe.bytes().max(1);
+    let context = model.rope.max_positions();
+    let mut receivers = Vec::with_capacity(requests.len());
+    let mut lp = Loop::new(
+        model,
+        tok,
+        config,
+        Arc::new(EngineMetrics::default()),
+        kv_bytes_per_token,
+    );
+    for (i, req) in requests.into_iter().enumerate() {
+        let bad = |why: String| candle_core::Error::Msg(format!("batch request {i}: {why}"));
+        if req.prompt.is_empty() || req.max_tokens == 0 {
+            return Err(bad("needs a prompt and max_tokens ≥ 1".into()));
+        }
+        if req.prompt.len() + req.max_tokens > context {
+            return Err(bad(format!(
+                "{} prompt + {} new tokens pass the model's context of {context}",
+                req.prompt.len(),
+                req.max_tokens
+            )));
+        }
+        if reservation(&req, context, kv_bytes_per_token) > lp.cfg.max_kv_bytes {
+            return Err(bad(format!(
+                "needs more KV memory than the bound of {} bytes",
+                lp.cfg.max_kv_bytes
+            )));
+        }
+        req.params.validate().map_err(bad)?;
+        let (tx, rx) = unbounded_channel();
+        lp.waiting.push_back(Submission { req, tx });
+        receivers.push(rx);
+    }
+    loop {
+        lp.admit();
+        if lp.running.is_empty() {
+            if lp.waiting.is_empty() {
+                break;
+            }
+            // Nothing runs, so everything but the prefix cache is free: admit() evicted it and
+            // the head still did not fit (ruled out above) or its cache rows failed to load.
+            continue;
+        }
+        lp.step()?;
+    }
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut rx)| {
+            let (mut token_ids, mut text) = (vec![], String::new());
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    Event::Started { .. } => {}
+                    Event::Token { id, text: t, .. } => {
+                        token_ids.push(id);
+                        text.push_str(&t);
+                    }
+                    Event::Finished {
+                        reason, text: t, ..
+                    } => {
+                        text.push_str(&t);
+                        return Ok(BatchOutput {
+                            token_ids,
+                            text,
+                            finish: reason,
+                        });
+                    }
+                    Event::Error(e) => {
+                        return Err(candle_core::Error::Msg(format!("batch request {i}: {e}")))
+                    }
+                }
+            }
+            Err(candle_core::Error::Msg(format!(
+                "batch request {i} ended without finishing"
+            )))
+        })
+        .collect()
+}
+
 /// KV bytes a request reserves at admission: its whole budget of positions.
 fn reservation(req: &Request, context_len: usize, kv_bytes_per_token: usize) -> usize {
     (req.prompt.len() + req.max_tokens).min(context_len) * kv_bytes_per_token

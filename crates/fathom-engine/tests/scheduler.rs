@@ -6,8 +6,8 @@
 use candle_core::{DType, Device};
 use fathom_core::TextTokenizer;
 use fathom_engine::{
-    generate, Engine, Event, FinishReason, GenerateOptions, Request, SamplingParams,
-    SchedulerConfig, SubmitError,
+    generate, generate_batch, Engine, Event, FinishReason, GenerateOptions, Request,
+    SamplingParams, SchedulerConfig, SubmitError,
 };
 use fathom_model::CausalLm;
 use std::path::PathBuf;
@@ -142,6 +142,74 @@ fn batched_equals_alone_with(name: &str, draft_tokens: usize, spec_max_batch: us
         // Four requests decode together at first: above the limit speculation pauses.
         assert_eq!(paused > 0, spec_max_batch < 4, "{paused} paused steps");
     }
+}
+
+/// The synchronous batch entry (GRPO's rollouts): greedy requests, more than `max_seqs` and with
+/// eos allowed, give `generate`'s tokens alone; sampled ones are reproducible and each follows
+/// its own seed; a request past the context is refused by its index.
+#[test]
+fn generate_batch_equals_alone_and_is_reproducible() {
+    let (model, tok) = load("deepseek_v3_tiny");
+    let cfg = SchedulerConfig {
+        max_seqs: 4,
+        prefill_chunk: 5,
+        prefix_cache: false,
+        ..Default::default()
+    };
+    let ps = prompts(model.cfg.vocab_size as u32);
+    let reqs: Vec<Request> = ps
+        .iter()
+        .enumerate()
+        .map(|(j, p)| request(p.clone(), 6 + 3 * j))
+        .collect();
+    let out = generate_batch(&model, Some(&tok), cfg.clone(), reqs).unwrap();
+    assert_eq!(out.len(), ps.len());
+    for (j, o) in out.iter().enumerate() {
+        assert_eq!(o.finish, FinishReason::Length);
+        assert_eq!(
+            o.token_ids,
+            alone(&model, &tok, &ps[j], 6 + 3 * j),
+            "request {j}"
+        );
+        assert_eq!(o.text, tok.decode(&o.token_ids, false).unwrap());
+    }
+    // An eos id the greedy path emits ends that request early, and is not among its tokens.
+    let first = out[2].token_ids[3];
+    let mut r = request(ps[2].clone(), 12);
+    r.ignore_eos = false;
+    r.eos_ids = vec![first];
+    let ended = generate_batch(&model, Some(&tok), cfg.clone(), vec![r]).unwrap();
+    let upto = out[2].token_ids.iter().position(|&t| t == first).unwrap();
+    assert_eq!(ended[0].finish, FinishReason::Eos);
+    assert_eq!(ended[0].token_ids, out[2].token_ids[..upto]);
+    // Sampling: the same inputs give the same outputs; another seed gives other ones.
+    let sampled = |seed: u64| {
+        let reqs: Vec<Request> = (0..8)
+            .map(|j| {
+                let mut r = request(ps[j % ps.len()].clone(), 10);
+                r.params = SamplingParams {
+                    temperature: 1.0,
+                    seed: seed + j as u64,
+                    ..SamplingParams::default()
+                };
+                r
+            })
+            .collect();
+        generate_batch(&model, Some(&tok), cfg.clone(), reqs).unwrap()
+    };
+    let (a, b, c) = (sampled(1), sampled(1), sampled(100));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let too_long = request(vec![1; model.rope.max_positions()], 4);
+    let err = generate_batch(
+        &model,
+        Some(&tok),
+        cfg,
+        vec![request(vec![1, 2], 2), too_long],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("batch request 1"), "{err}");
 }
 
 #[test]

@@ -27,7 +27,7 @@ use crate::rewards::{Equations, RewardSet};
 use crate::tasks::{Problem, Split};
 use candle_core::{DType, Device, Tensor};
 use fathom_core::TextTokenizer;
-use fathom_engine::{generate, FinishReason, GenerateOptions, SamplingParams};
+use fathom_engine::{generate_batch, FinishReason, Request, SamplingParams, SchedulerConfig};
 use fathom_model::CausalLm;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -147,8 +147,15 @@ pub fn step_problems(
     }
 }
 
-/// Sample `group` completions of each prompt, in parallel over `threads` workers; sample j of
-/// problem i is seeded by (seed, step, i, j), so the result does not depend on the split.
+/// The sampling seed of rollout `j` of problem `i` in rollout batch `step`.
+fn rollout_seed(seed: u64, step: usize, i: usize, j: usize) -> u64 {
+    crate::data::mix(seed ^ crate::data::mix(((step * 7919 + i) * 131 + j) as u64))
+}
+
+/// Sample `group` completions of each prompt: the jobs are split over `threads` workers and each
+/// worker decodes its share as one continuous batch ([`generate_batch`]). Sample j of problem i
+/// is seeded by (seed, step, i, j); the batches depend on the split only through floating-point
+/// rounding, so a run is reproducible for a given thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn rollouts(
     model: &CausalLm,
@@ -162,35 +169,52 @@ pub fn rollouts(
     let jobs: Vec<(usize, usize)> = (0..prompts.len())
         .flat_map(|i| (0..group).map(move |j| (i, j)))
         .collect();
-    let no_stop: Vec<String> = vec![];
     let results: Vec<anyhow::Result<Vec<(usize, Vec<u32>, String)>>> =
         on_ranges(jobs.len(), threads, |range| {
-            let mut out = Vec::with_capacity(range.len());
-            for &(i, j) in &jobs[range] {
-                let seed = crate::data::mix(
-                    cfg.seed ^ crate::data::mix(((step * 7919 + i) * 131 + j) as u64),
-                );
-                let opts = GenerateOptions {
+            let jobs = &jobs[range];
+            let requests: Vec<Request> = jobs
+                .iter()
+                .map(|&(i, j)| Request {
+                    prompt: prompts[i].clone(),
                     params: SamplingParams {
                         temperature: cfg.temperature,
                         top_p: cfg.top_p,
-                        seed,
+                        seed: rollout_seed(cfg.seed, step, i, j),
                         ..SamplingParams::default()
                     },
                     max_tokens: cfg.max_tokens,
-                    stop: &no_stop,
+                    stop: vec![],
+                    eos_ids: tok.eos_ids.clone(),
                     ignore_eos: false,
-                    eos_ids: &tok.eos_ids,
-                    draft_tokens: cfg.draft_tokens,
-                };
-                let g = generate(model, Some(tok), &prompts[i], &opts, &mut |_| {})?;
-                let mut ids = g.token_ids;
-                if g.finish == FinishReason::Eos {
-                    ids.push(tok.eos_ids[0]);
-                }
-                out.push((i, ids, g.text));
-            }
-            Ok(out)
+                    logprobs: None,
+                })
+                .collect();
+            // The worker's whole share decodes as one continuous batch: every step is one packed
+            // forward over all its unfinished sequences, all prompts prefilled in the first.
+            let batch = SchedulerConfig {
+                max_seqs: requests.len().max(1),
+                max_kv_bytes: usize::MAX / 2,
+                prefill_chunk: requests
+                    .iter()
+                    .map(|r| r.prompt.len())
+                    .sum::<usize>()
+                    .max(1),
+                prefix_cache: false,
+                draft_tokens: cfg.draft_tokens,
+                ..SchedulerConfig::default()
+            };
+            let outputs = generate_batch(model, Some(tok), batch, requests)?;
+            Ok(jobs
+                .iter()
+                .zip(outputs)
+                .map(|(&(i, _), g)| {
+                    let mut ids = g.token_ids;
+                    if g.finish == FinishReason::Eos {
+                        ids.push(tok.eos_ids[0]);
+                    }
+                    (i, ids, g.text)
+                })
+                .collect())
         });
     let mut all = Vec::with_capacity(jobs.len());
     for r in results {
