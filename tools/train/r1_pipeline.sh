@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The documented post-training run (docs/post-training.md): base model → SFT → GRPO on 2-digit
-# arithmetic, then trace distillation into a fresh copy of the base model, against the same base
-# model fine-tuned on the raw task data (answers only) for the same number of steps.
+# The documented post-training run (docs/post-training.md): base model → SFT on a mixed cold
+# start → GRPO on 2-digit arithmetic, then trace distillation into a fresh copy of the base
+# model, against the same base model fine-tuned on the raw task data (answers only) for the same
+# number of steps.
 #
 #   cargo build --release && bash tools/train/r1_pipeline.sh [OUT]      (default OUT=runs/r1)
 #
@@ -17,22 +18,25 @@ mkdir -p "$OUT"
 stage() { [ -d "$OUT/$1/final" ] && echo "== $1: done, skipped" && return 1; echo "== $1"; return 0; }
 t0=$(date +%s)
 
-# Data: column-arithmetic reference solutions (SFT) and the answers alone (the raw-data control).
-[ -f "$OUT/sft.jsonl" ] || $F tasks --task $TASK --n 30000 --style worked --out "$OUT/sft.jsonl"
+# Data. The cold start is R1's situation in miniature: 30,000 problems of which a quarter show
+# column-arithmetic reasoning in <think> and the rest only the answer (empty reasoning). The raw
+# task data (answers only) trains the distillation control.
+[ -f "$OUT/sft.jsonl" ] || $F tasks --task $TASK --n 30000 --style worked --worked-share 0.25 \
+  --out "$OUT/sft.jsonl"
 [ -f "$OUT/raw.jsonl" ] || $F tasks --task $TASK --n 30000 --style answer --out "$OUT/raw.jsonl"
 
-# SFT: a 2000-step run whose step-750 checkpoint (55.7 % held-out) is the GRPO start ("cold
-# start"); its final checkpoint (SFT alone, 2.7× the steps) is the control.
+# SFT to the end of its schedule (cosine to lr/10): its final checkpoint is both "SFT alone" and
+# GRPO's start.
 if stage sft; then
   $F sft --model "$BASE" --data "$OUT/sft.jsonl" --out "$OUT/sft" --seq-len 128 --batch-size 16 \
-    --steps 2000 --lr 1e-3 --eval-every 250 --save-every 250 --keep-checkpoints 10
+    --steps 1500 --lr 1e-3 --eval-every 250 --save-every 250 --keep-checkpoints 10
 fi
-# GRPO: 150 steps at a constant lr after warm-up (the documented run was 60 steps extended to
-# 150 with --resume, which with a constant lr is the same run).
+# GRPO: 64 prompts x 8 rollouts per step, groups whose rewards are all equal dropped, constant lr
+# after a 10-step warm-up.
 if stage grpo; then
-  $F grpo --model "$OUT/sft/checkpoints/step-0000750" --task $TASK --out "$OUT/grpo" --steps 150 \
-    --prompts 16 --group-size 8 --max-tokens 48 --temperature 1.0 --lr 1e-4 --beta 0.04 \
-    --eval-every 10 --eval-n 300 --eval-k 1
+  $F grpo --model "$OUT/sft/final" --task $TASK --out "$OUT/grpo" --steps 100 \
+    --prompts 64 --group-size 8 --drop-uniform-groups --max-tokens 48 --temperature 1.0 \
+    --lr 1e-4 --beta 0.04 --eval-every 10 --eval-n 300 --eval-k 1
 fi
 if stage distill; then
   $F distill --teacher "$OUT/grpo/final" --student "$BASE" --mode traces --task $TASK \
@@ -46,7 +50,7 @@ fi
 
 # Held-out evaluation of every stage on the same 1000 fresh problems: greedy accuracy, format
 # rate, pass@8 at temperature 1.
-for m in sft/checkpoints/step-0000750 sft/final grpo/final distill/final raw-sft/final; do
+for m in sft/final grpo/final distill/final raw-sft/final; do
   name=$(echo "$m" | tr '/' '-')
   [ -f "$OUT/eval-$name.json" ] || $F eval --model "$OUT/$m" --task $TASK --n 1000 --seed 7 \
     --k 8 --temperature 1.0 --max-tokens 48 --format json > "$OUT/eval-$name.json"
@@ -56,7 +60,7 @@ import json, sys
 out = sys.argv[1]
 print(f"| model | held-out accuracy (greedy) | format | pass@8 |")
 print(f"|---|---|---|---|")
-for m in ["sft-checkpoints-step-0000750", "sft-final", "grpo-final", "distill-final", "raw-sft-final"]:
+for m in ["sft-final", "grpo-final", "distill-final", "raw-sft-final"]:
     r = json.load(open(f"{out}/eval-{m}.json"))
     print(f"| {m} | {100*r['accuracy']:.1f} % | {100*r['format_rate']:.1f} % | {100*r['pass_at_k']:.1f} % |")
 EOF

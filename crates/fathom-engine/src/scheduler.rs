@@ -192,38 +192,14 @@ impl Engine {
 
     /// Queue a request; events arrive on the returned receiver. Dropping the receiver cancels.
     pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
-        if req.prompt.is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty".into()));
-        }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(SubmitError::Invalid(format!(
-                "token id {bad} is out of range: the vocabulary has {} entries",
-                self.vocab_size
-            )));
-        }
-        if req.max_tokens == 0 {
-            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
-        }
-        if req.prompt.len() + req.max_tokens > self.context_len {
-            return Err(SubmitError::Invalid(format!(
-                "this model's maximum context length is {} tokens; the request has {} prompt \
-                 tokens and asks for {} more",
-                self.context_len,
-                req.prompt.len(),
-                req.max_tokens
-            )));
-        }
-        let need = reservation(&req, self.context_len, self.kv_bytes_per_token);
-        if need > self.config.max_kv_bytes {
-            return Err(SubmitError::Invalid(format!(
-                "the request needs {need} bytes of KV cache ({} prompt + {} new tokens); the \
-                 server's bound is {} bytes",
-                req.prompt.len(),
-                req.max_tokens,
-                self.config.max_kv_bytes
-            )));
-        }
-        req.params.validate().map_err(SubmitError::Invalid)?;
+        check_request(
+            &req,
+            self.context_len,
+            self.vocab_size,
+            self.kv_bytes_per_token,
+            self.config.max_kv_bytes,
+        )
+        .map_err(SubmitError::Invalid)?;
         let waiting = self.metrics.waiting.load(Ordering::Relaxed);
         if waiting >= self.config.max_queue {
             self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +214,45 @@ impl Engine {
         })?;
         Ok(rx)
     }
+}
+
+/// Why a request cannot run on this model under this KV bound, if it cannot.
+fn check_request(
+    req: &Request,
+    context_len: usize,
+    vocab_size: usize,
+    kv_bytes_per_token: usize,
+    max_kv_bytes: usize,
+) -> Result<(), String> {
+    if req.prompt.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(format!(
+            "token id {bad} is out of range: the vocabulary has {vocab_size} entries"
+        ));
+    }
+    if req.max_tokens == 0 {
+        return Err("max_tokens must be at least 1".into());
+    }
+    if req.prompt.len() + req.max_tokens > context_len {
+        return Err(format!(
+            "this model's maximum context length is {context_len} tokens; the request has {} \
+             prompt tokens and asks for {} more",
+            req.prompt.len(),
+            req.max_tokens
+        ));
+    }
+    let need = reservation(req, context_len, kv_bytes_per_token);
+    if need > max_kv_bytes {
+        return Err(format!(
+            "the request needs {need} bytes of KV cache ({} prompt + {} new tokens); the \
+             server's bound is {max_kv_bytes} bytes",
+            req.prompt.len(),
+            req.max_tokens
+        ));
+    }
+    req.params.validate()
 }
 
 /// One request's result from [`generate_batch`].
@@ -274,24 +289,14 @@ pub fn generate_batch(
         kv_bytes_per_token,
     );
     for (i, req) in requests.into_iter().enumerate() {
-        let bad = |why: String| candle_core::Error::Msg(format!("batch request {i}: {why}"));
-        if req.prompt.is_empty() || req.max_tokens == 0 {
-            return Err(bad("needs a prompt and max_tokens ≥ 1".into()));
-        }
-        if req.prompt.len() + req.max_tokens > context {
-            return Err(bad(format!(
-                "{} prompt + {} new tokens pass the model's context of {context}",
-                req.prompt.len(),
-                req.max_tokens
-            )));
-        }
-        if reservation(&req, context, kv_bytes_per_token) > lp.cfg.max_kv_bytes {
-            return Err(bad(format!(
-                "needs more KV memory than the bound of {} bytes",
-                lp.cfg.max_kv_bytes
-            )));
-        }
-        req.params.validate().map_err(bad)?;
+        check_request(
+            &req,
+            context,
+            model.cfg.vocab_size,
+            kv_bytes_per_token,
+            lp.cfg.max_kv_bytes,
+        )
+        .map_err(|why| candle_core::Error::Msg(format!("batch request {i}: {why}")))?;
         let (tx, rx) = unbounded_channel();
         lp.waiting.push_back(Submission { req, tx });
         receivers.push(rx);
