@@ -4,7 +4,8 @@
 //! same prompts and sampling settings, alternating rounds; throughput in generated tokens per
 //! second (the samples differ between the two, so their lengths do too).
 //!
-//! Usage: rollout_bench MODEL_DIR [PROMPTS=64] [GROUP=8] [MAX_TOKENS=48] [THREADS=2] [ROUNDS=3]
+//! Usage: cargo run --release -p fathom-train --example rollout_bench -- MODEL_DIR [PROMPTS=64]
+//! [GROUP=8] [MAX_TOKENS=48] [THREADS=2] [ROUNDS=3]
 use candle_core::{DType, Device};
 use fathom_core::TextTokenizer;
 use fathom_engine::{generate, GenerateOptions, SamplingParams};
@@ -16,6 +17,11 @@ use fathom_train::tasks::Split;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // As `fathom grpo`: one candle thread per worker (an intra-op pool on top oversubscribes
+        // the cores and makes the one-by-one path ~15x slower here).
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::path::PathBuf::from(args.first().expect("usage: rollout_bench MODEL_DIR ..."));
     let arg = |i: usize, d: usize| args.get(i).map_or(d, |s| s.parse().expect("a number"));
