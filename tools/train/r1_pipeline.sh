@@ -29,7 +29,7 @@ t0=$(date +%s)
 # GRPO's start.
 if stage sft; then
   $F sft --model "$BASE" --data "$OUT/sft.jsonl" --out "$OUT/sft" --seq-len 128 --batch-size 16 \
-    --steps 1500 --lr 1e-3 --eval-every 250 --save-every 250 --keep-checkpoints 10
+    --steps 2000 --lr 1e-3 --eval-every 250 --save-every 250 --keep-checkpoints 10
 fi
 # GRPO: 64 prompts x 8 rollouts per step, groups whose rewards are all equal dropped, constant lr
 # after a 10-step warm-up.

