@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use fathom_train::evaluate::{system_prompt, TaskSource};
 use fathom_train::grpo_train::{run_grpo, GrpoConfig, GrpoOptions};
 use fathom_train::posttrain::{worker_threads, OptimConfig, RunOptions};
-use fathom_train::rewards::RewardSet;
+use fathom_train::rewards::{Reasoned, RewardSet};
 use fathom_train::sft::{run_sft, SftConfig, SftObjective, SftOptions, SftSummary};
 use fathom_train::tasks::Split;
 use fathom_train::traces::{conversation, reference_answer, teacher_traces, Style};
@@ -444,6 +444,11 @@ pub struct DistillArgs {
     /// Traces: minimum total reward (accuracy + 0.5·format) for a trace to be kept.
     #[arg(long, default_value_t = 1.5)]
     min_reward: f64,
+    /// Traces: keep only traces whose `<think>` holds reasoning (adds the `reasoned` reward with
+    /// weight 1 and raises --min-reward by 1): the student learns the teacher's reasoning, not its
+    /// bare answers.
+    #[arg(long)]
+    require_reasoning: bool,
     /// Traces: system prompt of every question: none, r1-zero or the text.
     #[arg(long, default_value = "none")]
     system: String,
@@ -513,12 +518,20 @@ fn write_teacher_traces(a: &DistillArgs, path: &Path) -> Result<()> {
     let bar = indicatif::ProgressBar::new(problems.len() as u64);
     bar.set_message("teacher traces");
     let progress = |n: usize| bar.inc(n as u64);
+    let (rewards, min_reward) = if a.require_reasoning {
+        (
+            RewardSet::r1(0.5).with(Box::new(Reasoned), 1.0),
+            a.min_reward + 1.0,
+        )
+    } else {
+        (RewardSet::r1(0.5), a.min_reward)
+    };
     let (lines, stats) = teacher_traces(
         &teacher,
         &tok,
         &problems,
-        &RewardSet::r1(0.5),
-        a.min_reward,
+        &rewards,
+        min_reward,
         a.samples,
         a.keep,
         a.temperature,
@@ -533,7 +546,7 @@ fn write_teacher_traces(a: &DistillArgs, path: &Path) -> Result<()> {
         bail!(
             "the teacher {} produced no trace with reward ≥ {} on {} problems",
             a.teacher.display(),
-            a.min_reward,
+            min_reward,
             problems.len()
         );
     }

@@ -129,6 +129,24 @@ impl Reward for Format {
     }
 }
 
+/// 1 when the reasoning inside `<think>…</think>` is not blank (the opening tag may be the
+/// template's pre-fill, as for `Format`): distillation's filter for traces that carry reasoning.
+pub struct Reasoned;
+
+impl Reward for Reasoned {
+    fn name(&self) -> &str {
+        "reasoned"
+    }
+    fn score(&self, _problem: &Problem, completion: &str) -> f64 {
+        let s = completion.trim_start();
+        let s = s.strip_prefix("<think>").unwrap_or(s);
+        match s.split_once("</think>") {
+            Some((thought, _)) if !thought.trim().is_empty() => 1.0,
+            _ => 0.0,
+        }
+    }
+}
+
 /// The share of `lhs = rhs` lines inside `<think>…</think>` (the whole completion without one) whose
 /// two sides are expressions over integers (+ − × ÷, parentheses, unary minus; exact rational
 /// arithmetic, [`eval_signed_expression`]) of equal value; lines that are not such an equation
@@ -261,6 +279,18 @@ mod tests {
             "{scored:?}"
         );
         assert_eq!(scored.parts[2].0, "equations");
+    }
+
+    #[test]
+    fn reasoned_needs_text_inside_think() {
+        let p = Problem::exact("What is 2 + 2?", "4");
+        let r = |c: &str| Reasoned.score(&p, c);
+        assert_eq!(r("2 + 2 = 4\n</think>\n<answer>4</answer>"), 1.0);
+        assert_eq!(r("<think>\n2 + 2 = 4</think><answer>4</answer>"), 1.0);
+        assert_eq!(r("\n</think>\n<answer>4</answer>"), 0.0);
+        assert_eq!(r("<think> \n </think><answer>4</answer>"), 0.0);
+        assert_eq!(r("2 + 2 = 4 <answer>4</answer>"), 0.0); // never closed
+        assert_eq!(r(""), 0.0);
     }
 
     fn arith(answer: &str) -> Problem {

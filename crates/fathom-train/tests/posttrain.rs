@@ -508,3 +508,79 @@ fn sft_can_add_an_mtp_module() {
         "{err}"
     );
 }
+
+/// Teacher traces through the batched engine path: the embedded default model (which reasons on
+/// sums) answers 2-digit problems; every kept trace is a complete, correct, well-formed
+/// conversation, the greedy sample of each problem equals `generate`'s greedy answer alone, and
+/// the split over workers (one batch of 12 or two of 6) changes nothing.
+#[test]
+fn teacher_traces_keep_correct_greedy_answers() {
+    use fathom_core::TextTokenizer;
+    use fathom_engine::{generate, FinishReason, GenerateOptions, SamplingParams};
+    use fathom_train::evaluate::prompt_ids;
+    use fathom_train::rewards::RewardSet;
+    use fathom_train::tasks::Problem;
+    use fathom_train::traces::teacher_traces;
+    let dir = default_model();
+    let model = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let problems: Vec<Problem> = (0..12)
+        .map(|i| {
+            let (a, b) = (10 + (i * 37) % 90, 10 + (i * 53) % 90);
+            Problem::exact(&format!("What is {a} + {b}?"), &(a + b).to_string())
+        })
+        .collect();
+    let rewards = RewardSet::r1(0.5);
+    let traces = |threads: usize| {
+        teacher_traces(
+            &model,
+            &tok,
+            &problems,
+            &rewards,
+            1.5,
+            1,
+            1,
+            0.8,
+            48,
+            3,
+            None,
+            threads,
+            &|_| {},
+        )
+        .unwrap()
+    };
+    let (lines, stats) = traces(2);
+    assert_eq!(
+        (stats.problems, stats.samples),
+        (problems.len(), problems.len())
+    );
+    assert!(stats.accepted > problems.len() / 4, "{stats:?}");
+    assert_eq!(stats.accepted, lines.len());
+    // The same kept traces with one worker.
+    let (again, _) = traces(1);
+    assert_eq!(lines, again);
+    // Each kept trace is the greedy answer `generate` gives alone, and it is correct.
+    let mut kept = lines.iter();
+    for p in &problems {
+        let prompt = prompt_ids(&tok, p, None).unwrap();
+        let opts = GenerateOptions {
+            params: SamplingParams::default(),
+            max_tokens: 48,
+            stop: &[],
+            ignore_eos: false,
+            eos_ids: &tok.eos_ids,
+            draft_tokens: 0,
+        };
+        let g = generate(&model, Some(&tok), &prompt, &opts, &mut |_| {}).unwrap();
+        let good = g.finish == FinishReason::Eos && rewards.score(p, &g.text).total >= 1.5;
+        if good {
+            let line = kept.next().expect("a kept trace for each solved problem");
+            assert_eq!(line["messages"][0]["content"], p.question.as_str());
+            assert_eq!(
+                line["messages"][1]["content"],
+                format!("<think>\n{}", g.text).as_str()
+            );
+        }
+    }
+    assert!(kept.next().is_none());
+}
