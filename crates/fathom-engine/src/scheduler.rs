@@ -165,10 +165,7 @@ impl Engine {
         tok: Option<Arc<TextTokenizer>>,
         config: SchedulerConfig,
     ) -> candle_core::Result<Engine> {
-        // Exact bytes per cached token: run one token through a cache of the kind used.
-        let mut probe = model.new_cache();
-        model.forward(&Tensor::new(&[[0u32]], &model.device)?, 0, Some(&mut probe))?;
-        let kv_bytes_per_token = probe.bytes().max(1);
+        let kv_bytes_per_token = kv_bytes_per_token(&model)?;
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(EngineMetrics::default());
         let engine = Engine {
@@ -214,6 +211,13 @@ impl Engine {
         })?;
         Ok(rx)
     }
+}
+
+/// Exact bytes per cached token: one token through a cache of the kind the model uses.
+fn kv_bytes_per_token(model: &CausalLm) -> candle_core::Result<usize> {
+    let mut probe = model.new_cache();
+    model.forward(&Tensor::new(&[[0u32]], &model.device)?, 0, Some(&mut probe))?;
+    Ok(probe.bytes().max(1))
 }
 
 /// Why a request cannot run on this model under this KV bound, if it cannot.
@@ -276,9 +280,7 @@ pub fn generate_batch(
     config: SchedulerConfig,
     requests: Vec<Request>,
 ) -> candle_core::Result<Vec<BatchOutput>> {
-    let mut probe = model.new_cache();
-    model.forward(&Tensor::new(&[[0u32]], &model.device)?, 0, Some(&mut probe))?;
-    let kv_bytes_per_token = probe.bytes().max(1);
+    let kv_bytes_per_token = kv_bytes_per_token(model)?;
     let context = model.rope.max_positions();
     let mut receivers = Vec::with_capacity(requests.len());
     let mut lp = Loop::new(
