@@ -39,8 +39,11 @@ if stage grpo; then
     --lr 1e-4 --beta 0.04 --eval-every 10 --eval-n 300 --eval-k 1
 fi
 if stage distill; then
+  # The teacher answers the same number of training problems as the raw data holds; only
+  # correct, well-formed traces that reason are kept (R1 distils reasoning, not bare answers).
   $F distill --teacher "$OUT/grpo/final" --student "$BASE" --mode traces --task $TASK \
-    --problems 4000 --samples 2 --max-tokens 48 --out "$OUT/distill" --seq-len 128 \
+    --problems 30000 --samples 2 --require-reasoning --max-tokens 48 --out "$OUT/distill" \
+    --seq-len 128 \
     --steps "$STUDENT_STEPS" --lr 1e-3 --eval-every 250 --save-every 250
 fi
 if stage raw-sft; then
