@@ -850,6 +850,53 @@ fn post_training_commands_end_to_end() {
         !ok && err.contains("produced no trace with reward"),
         "{err}"
     );
+    // Trace distillation from the embedded default model, which reasons on sums: with
+    // --require-reasoning every kept trace holds reasoning in <think>.
+    std::fs::write(
+        p("sums.jsonl"),
+        "{\"prompt\": \"What is 47 + 38?\", \"answer\": \"85\"}\n\
+         {\"prompt\": \"What is 28 + 89?\", \"answer\": \"117\"}\n\
+         {\"prompt\": \"What is 12 + 45?\", \"answer\": \"57\"}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = fathom(&[
+        "distill",
+        "--teacher",
+        "models/default",
+        "--student",
+        "models/default",
+        "--out",
+        &p("reasoned"),
+        "--task",
+        &p("sums.jsonl"),
+        "--problems",
+        "3",
+        "--samples",
+        "1",
+        "--max-tokens",
+        "48",
+        "--require-reasoning",
+        "--steps",
+        "1",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let traces = std::fs::read_to_string(p("reasoned/traces.jsonl")).unwrap();
+    assert!(traces.lines().count() >= 1, "{err}");
+    for line in traces.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let answer = v["messages"][1]["content"].as_str().unwrap();
+        let thought = answer.split("</think>").next().unwrap();
+        assert!(
+            thought.trim_start_matches("<think>").trim().len() > 5,
+            "{answer}"
+        );
+    }
     // Logit distillation on the SFT data: the V3 teacher's distributions into the student.
     let (ok, _, err) = fathom(&[
         "distill",
