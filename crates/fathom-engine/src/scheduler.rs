@@ -68,7 +68,26 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// One sequence to generate.
+impl SchedulerConfig {
+    /// [`generate_batch`] over `requests` at once: every request admitted in the first step and
+    /// every prompt prefilled in it, no KV bound beyond the requests' own, and no prefix cache
+    /// (requests that run together have nothing cached to share).
+    pub fn whole_batch(requests: &[Request], draft_tokens: usize) -> Self {
+        SchedulerConfig {
+            max_seqs: requests.len().max(1),
+            max_kv_bytes: usize::MAX / 2,
+            prefill_chunk: requests
+                .iter()
+                .map(|r| r.prompt.len())
+                .sum::<usize>()
+                .max(1),
+            prefix_cache: false,
+            draft_tokens,
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: Vec<u32>,
@@ -80,6 +99,27 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Report log-probabilities with this many alternatives (OpenAI `logprobs`/`top_logprobs`).
     pub logprobs: Option<usize>,
+}
+
+impl Request {
+    /// A request that runs until one of `eos_ids` or `max_tokens`, without stop strings or
+    /// log-probabilities (offline generation: rollouts, teacher traces).
+    pub fn until_eos(
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_tokens: usize,
+        eos_ids: &[u32],
+    ) -> Self {
+        Request {
+            prompt,
+            params,
+            max_tokens,
+            stop: vec![],
+            eos_ids: eos_ids.to_vec(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -162,7 +162,7 @@ fn generate_batch_equals_alone_and_is_reproducible() {
         .enumerate()
         .map(|(j, p)| request(p.clone(), 6 + 3 * j))
         .collect();
-    let out = generate_batch(&model, Some(&tok), cfg.clone(), reqs).unwrap();
+    let out = generate_batch(&model, Some(&tok), cfg.clone(), reqs.clone()).unwrap();
     assert_eq!(out.len(), ps.len());
     for (j, o) in out.iter().enumerate() {
         assert_eq!(o.finish, FinishReason::Length);
@@ -173,6 +173,13 @@ fn generate_batch_equals_alone_and_is_reproducible() {
         );
         assert_eq!(o.text, tok.decode(&o.token_ids, false).unwrap());
     }
+    // All at once (every request admitted and prefilled in the first step): the same tokens.
+    let whole = SchedulerConfig::whole_batch(&reqs, 0);
+    assert_eq!(whole.max_seqs, reqs.len());
+    assert_eq!(
+        generate_batch(&model, Some(&tok), whole, reqs).unwrap(),
+        out
+    );
     // An eos id the greedy path emits ends that request early, and is not among its tokens.
     let first = out[2].token_ids[3];
     let mut r = request(ps[2].clone(), 12);

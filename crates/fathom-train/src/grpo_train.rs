@@ -174,35 +174,19 @@ pub fn rollouts(
             let jobs = &jobs[range];
             let requests: Vec<Request> = jobs
                 .iter()
-                .map(|&(i, j)| Request {
-                    prompt: prompts[i].clone(),
-                    params: SamplingParams {
+                .map(|&(i, j)| {
+                    let params = SamplingParams {
                         temperature: cfg.temperature,
                         top_p: cfg.top_p,
                         seed: rollout_seed(cfg.seed, step, i, j),
                         ..SamplingParams::default()
-                    },
-                    max_tokens: cfg.max_tokens,
-                    stop: vec![],
-                    eos_ids: tok.eos_ids.clone(),
-                    ignore_eos: false,
-                    logprobs: None,
+                    };
+                    Request::until_eos(prompts[i].clone(), params, cfg.max_tokens, &tok.eos_ids)
                 })
                 .collect();
             // The worker's whole share decodes as one continuous batch: every step is one packed
             // forward over all its unfinished sequences, all prompts prefilled in the first.
-            let batch = SchedulerConfig {
-                max_seqs: requests.len().max(1),
-                max_kv_bytes: usize::MAX / 2,
-                prefill_chunk: requests
-                    .iter()
-                    .map(|r| r.prompt.len())
-                    .sum::<usize>()
-                    .max(1),
-                prefix_cache: false,
-                draft_tokens: cfg.draft_tokens,
-                ..SchedulerConfig::default()
-            };
+            let batch = SchedulerConfig::whole_batch(&requests, cfg.draft_tokens);
             let outputs = generate_batch(model, Some(tok), batch, requests)?;
             Ok(jobs
                 .iter()

@@ -65,13 +65,20 @@ pub fn normalize_integer(s: &str) -> Option<String> {
     })
 }
 
+/// The reasoning of a completion and what follows its `</think>`; the opening `<think>` is optional
+/// at the start (R1's chat template pre-fills it). `None` when the reasoning is never closed.
+fn split_thought(completion: &str) -> Option<(&str, &str)> {
+    let s = completion.trim_start();
+    s.strip_prefix("<think>")
+        .unwrap_or(s)
+        .split_once("</think>")
+}
+
 /// Whether a completion follows the R1-Zero template: reasoning in `<think>…</think>`, then the
 /// answer in `<answer>…</answer>`, nothing else around them but whitespace. The opening `<think>`
 /// may be part of the prompt (R1's chat template pre-fills it), so it is optional at the start.
 pub fn follows_format(completion: &str) -> bool {
-    let s = completion.trim();
-    let s = s.strip_prefix("<think>").unwrap_or(s);
-    let Some((thought, rest)) = s.split_once("</think>") else {
+    let Some((thought, rest)) = split_thought(completion) else {
         return false;
     };
     if thought.contains("<think>") || thought.contains("<answer>") || thought.contains("</answer>")
@@ -138,9 +145,7 @@ impl Reward for Reasoned {
         "reasoned"
     }
     fn score(&self, _problem: &Problem, completion: &str) -> f64 {
-        let s = completion.trim_start();
-        let s = s.strip_prefix("<think>").unwrap_or(s);
-        match s.split_once("</think>") {
+        match split_thought(completion) {
             Some((thought, _)) if !thought.trim().is_empty() => 1.0,
             _ => 0.0,
         }

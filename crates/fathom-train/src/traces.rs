@@ -193,30 +193,21 @@ pub fn teacher_traces(
                     let prompt = prompt_ids(tok, &problems[i], system)?;
                     let prefilled = tok.decode(&prompt, false)?.trim_end().ends_with("<think>");
                     for j in 0..k {
-                        requests.push(Request {
-                            prompt: prompt.clone(),
-                            params: SamplingParams {
-                                temperature: if j == 0 { 0.0 } else { temperature },
-                                seed: crate::data::mix(
-                                    seed ^ crate::data::mix((i * 1009 + j) as u64),
-                                ),
-                                ..SamplingParams::default()
-                            },
+                        let params = SamplingParams {
+                            temperature: if j == 0 { 0.0 } else { temperature },
+                            seed: crate::data::mix(seed ^ crate::data::mix((i * 1009 + j) as u64)),
+                            ..SamplingParams::default()
+                        };
+                        requests.push(Request::until_eos(
+                            prompt.clone(),
+                            params,
                             max_tokens,
-                            stop: vec![],
-                            eos_ids: tok.eos_ids.clone(),
-                            ignore_eos: false,
-                            logprobs: None,
-                        });
+                            &tok.eos_ids,
+                        ));
                     }
                     prefills.push(prefilled);
                 }
-                let batch = SchedulerConfig {
-                    max_seqs: requests.len(),
-                    max_kv_bytes: usize::MAX / 2,
-                    prefix_cache: false,
-                    ..SchedulerConfig::default()
-                };
+                let batch = SchedulerConfig::whole_batch(&requests, 0);
                 let outputs = generate_batch(teacher, Some(tok), batch, requests)?;
                 for ((&i, &prefilled), samples) in
                     chunk.iter().zip(&prefills).zip(outputs.chunks(k))
