@@ -349,9 +349,13 @@ pub fn generate_batch(
             if lp.waiting.is_empty() {
                 break;
             }
-            // Nothing runs, so everything but the prefix cache is free: admit() evicted it and
-            // the head still did not fit (ruled out above) or its cache rows failed to load.
-            continue;
+            // With nothing running every request fits (checked above), so admit() takes one
+            // unless no sequence may run at all: stop instead of spinning.
+            return Err(candle_core::Error::Msg(format!(
+                "generate_batch: {} requests wait but max_seqs is {}",
+                lp.waiting.len(),
+                lp.cfg.max_seqs
+            )));
         }
         lp.step()?;
     }

@@ -207,6 +207,14 @@ fn generate_batch_equals_alone_and_is_reproducible() {
     let (a, b, c) = (sampled(1), sampled(1), sampled(100));
     assert_eq!(a, b);
     assert_ne!(a, c);
+    let stuck = SchedulerConfig {
+        max_seqs: 0,
+        ..cfg.clone()
+    };
+    let err = generate_batch(&model, Some(&tok), stuck, vec![request(vec![1, 2], 2)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_seqs is 0"), "{err}");
     let too_long = request(vec![1; model.rope.max_positions()], 4);
     let err = generate_batch(
         &model,
