@@ -719,6 +719,18 @@ fn web_chat_page_in_headless_chromium() {
             )["value"]
                 .clone()
         };
+        // The page sends no temperature (the server's default is 1, and each request draws its
+        // own seed); make its requests greedy so the reply, and whether it reasons, is fixed.
+        script(
+            "const send = window.fetch; \
+             window.fetch = (url, opts) => { \
+               if (opts && opts.body) { \
+                 const body = JSON.parse(opts.body); body.temperature = 0; \
+                 opts = Object.assign({}, opts, {body: JSON.stringify(body)}); \
+               } \
+               return send(url, opts); \
+             }; return true;",
+        );
         for (turn, text) in ["What is 47 + 38?", "And 28 + 89?"].iter().enumerate() {
             let input = element("#input");
             webdriver(
@@ -751,8 +763,8 @@ fn web_chat_page_in_headless_chromium() {
                 "reply: {done}"
             );
         }
-        // Two user and two assistant bubbles; the default model reasons on sums (20 of 20 samples
-        // at the page's temperature 1 begin with a column step), shown in <details>.
+        // Two user and two assistant bubbles; the default model reasons on this sum greedily,
+        // shown in <details>.
         assert_eq!(
             script("return document.querySelectorAll('.user').length;"),
             2
@@ -765,6 +777,9 @@ fn web_chat_page_in_headless_chromium() {
             script("return !document.querySelector('details.reasoning').hidden;"),
             true
         );
+        // Greedy, the first reply is the model's worked answer to 47 + 38.
+        let first = script("return document.querySelectorAll('.assistant .answer')[0].innerText;");
+        assert!(first.as_str().is_some_and(|t| t.contains("85")), "{first}");
         assert_eq!(script("return history.length;"), 4);
     });
     webdriver(port, "DELETE", &s(""), json!({}));

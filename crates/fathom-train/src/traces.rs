@@ -258,7 +258,7 @@ pub fn teacher_traces(
 mod tests {
     use super::*;
     use crate::rewards::{Accuracy, Format, Reward};
-    use crate::tasks::{arithmetic, Split};
+    use crate::tasks::Split;
 
     #[test]
     fn worked_solutions_by_hand() {
