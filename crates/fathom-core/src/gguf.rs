@@ -20,7 +20,7 @@
 //! `fathom.config_json`, so nothing is translated. Block-quantised tensors are handed to the
 //! projections as stored ([`QuantizedSource`]); everything else is dequantised to f32.
 
-use crate::config::{ModelConfig, QuantizedSource, RopeScaling};
+use crate::config::{ModelConfig, QuantizedSource, RopeScaling, StoredBlocks};
 use crate::error::{FathomError, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
@@ -60,7 +60,8 @@ enum Source {
 
 pub struct GgufCheckpoint {
     path: PathBuf,
-    mmap: Mmap,
+    /// Shared with the projections that use their stored blocks where they lie.
+    mmap: std::sync::Arc<Mmap>,
     content: Content,
     layout: Layout,
 }
@@ -119,7 +120,7 @@ impl GgufCheckpoint {
         };
         let ckpt = GgufCheckpoint {
             path: path.to_path_buf(),
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
             content,
             layout,
         };
@@ -196,6 +197,58 @@ impl GgufCheckpoint {
             ));
         }
         Ok((info.ggml_dtype, dims, &self.mmap[start..start + size]))
+    }
+
+    /// Byte offset of a stored tensor's data in the file (after [`Self::raw`] checked it).
+    fn data_start(&self, name: &str) -> usize {
+        let info = &self.content.tensor_infos[name];
+        self.content.tensor_data_offset.saturating_add(info.offset) as usize
+    }
+
+    /// A single-tensor source in its stored blocks: a range of the mapped file for whole tensors
+    /// and experts (zero-copy), a rewritten buffer for Llama's unpermuted rows.
+    fn stored_blocks(&self, src: &Source) -> Result<StoredBlocks> {
+        let shared = |dims: Vec<usize>, range: std::ops::Range<usize>, dtype| {
+            Ok(StoredBlocks {
+                ggml_type: ggml_type_id(dtype),
+                dims,
+                owner: self.mmap.clone(),
+                range,
+            })
+        };
+        match src {
+            Source::Tensor(n) => {
+                let (dtype, dims, bytes) = self.raw(n)?;
+                let start = self.data_start(n);
+                shared(dims, start..start + bytes.len(), dtype)
+            }
+            Source::Expert(n, e) => {
+                let (dtype, dims, bytes) = self.raw(n)?;
+                if dims.len() != 3 || *e >= dims[0] {
+                    return Err(self.err(
+                        n,
+                        format!(
+                            "expected stacked experts [E, out, in] with E > {e}, found {dims:?}"
+                        ),
+                    ));
+                }
+                let per = bytes.len() / dims[0];
+                let start = self.data_start(n) + e * per;
+                shared(dims[1..].to_vec(), start..start + per, dtype)
+            }
+            Source::Unpermute(..) => {
+                let q = self.block_tensor(src)?;
+                let bytes = q.data()?.into_owned();
+                let len = bytes.len();
+                Ok(StoredBlocks {
+                    ggml_type: ggml_type_id(q.dtype()),
+                    dims: q.shape().dims().to_vec(),
+                    owner: std::sync::Arc::new(bytes),
+                    range: 0..len,
+                })
+            }
+            Source::KvB { k_b, .. } => Err(self.err(k_b, "kv_b_proj is two tensors, not one")),
+        }
     }
 
     fn qtensor(&self, dtype: GgmlDType, bytes: &[u8], dims: Vec<usize>) -> Result<QTensor> {
@@ -615,8 +668,29 @@ fn is_block_format(d: GgmlDType) -> bool {
     !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
+/// ggml's numeric type id (`GGML_TYPE_*`) of a candle block type.
+fn ggml_type_id(d: GgmlDType) -> u32 {
+    match d {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
 impl QuantizedSource for GgufCheckpoint {
-    fn quantized(&self, hf: &str) -> Result<Option<QTensor>> {
+    fn quantized(&self, hf: &str) -> Result<Option<StoredBlocks>> {
         let Some(src) = self.source(hf).filter(|s| self.present(s)) else {
             return Ok(None);
         };
@@ -628,7 +702,7 @@ impl QuantizedSource for GgufCheckpoint {
         if !is_block_format(dtype) {
             return Ok(None);
         }
-        self.block_tensor(&src).map(Some)
+        self.stored_blocks(&src).map(Some)
     }
 }
 

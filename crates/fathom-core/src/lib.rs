@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use config::{
     Architecture, MlaConfig, ModelConfig, MoeConfig, QuantizedSource, RopeScaling, ScoringFunc,
-    TopkMethod, WeightPlan, WeightQuant,
+    StoredBlocks, TopkMethod, WeightPlan, WeightQuant,
 };
 pub use error::{FathomError, Result};
 pub use gguf::{find_gguf, GgufCheckpoint};

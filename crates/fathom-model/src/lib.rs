@@ -5,8 +5,8 @@
 //! - [`mlp`] SwiGLU MLP · [`moe`] DeepSeekMoE gate (`route_tokens`) and experts
 //! - [`mtp`] Multi-Token Prediction module · [`decoder`] decoder block · [`model`] the causal LM
 //! - [`cache`] plain and MLA latent KV caches · [`ops`] differentiable softmax/sigmoid/linear/cross-entropy
-//! - [`parallel`] host kernels split over candle's thread pool
-//! - [`linear`] dense or block-quantised projections · [`qgemv`] the q8_0/q4_0 decode mat-vec · [`quantize`] checkpoint → quantised GGUF
+//! - [`linear`] dense or block-quantised projections (the quantised products run in
+//!   `fathom-runtime`) · [`quantize`] checkpoint → quantised GGUF
 //!
 //! Every op is composed from candle primitives that have a backward pass (see `tests/gradients.rs`).
 
@@ -23,11 +23,12 @@ pub mod mtp;
 pub mod norm;
 pub mod ops;
 pub mod packed_attention;
-pub mod parallel;
-pub mod qgemv;
 pub mod quantize;
 pub mod rope;
 pub mod rows_matmul;
 
 pub use cache::{CachedRows, KvCache, Segment};
+/// Host kernels split over candle's thread pool (moved to the runtime; re-exported for the
+/// kernels still here).
+pub use fathom_runtime::parallel;
 pub use model::{param_counts, CausalLm, ForwardOutput};

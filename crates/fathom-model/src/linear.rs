@@ -1,24 +1,22 @@
 //! A projection y = x Wᵀ (+ b) whose weight is either a dense tensor (training, f32 inference) or a
-//! llama.cpp block-quantised matrix (q8_0, q6_k, q4_k, q4_0) multiplied by candle's quantised CPU
-//! kernels. Quantisation happens tensor by tensor while loading, so a model is never held in f32
+//! llama.cpp block-quantised matrix multiplied by the runtime's int8 kernels
+//! ([`fathom_runtime::QMatrix`], every common GGUF format, decode and prefill alike, on the stored
+//! bytes). Quantisation happens tensor by tensor while loading, so a model is never held in f32
 //! as a whole. A format whose block does not divide the input dimension falls back to q8_0
 //! (32-wide blocks), else stays f32, as llama.cpp does for odd shapes. Weights a GGUF file already
-//! stores block-quantised are used as stored ([`WeightPlan::stored`]).
+//! stores block-quantised are used where they lie in the mapped file ([`WeightPlan::stored`]).
 
 use crate::ops::linear;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use fathom_core::{WeightPlan, WeightQuant};
-
-/// From this many input rows on, a quantised projection expands its weight to f32 and uses the
-/// f32 GEMM (prefill); below it (decode) it runs the quantised kernel.
-pub const DEQUANTIZE_FROM_ROWS: usize = 32;
+use fathom_core::{StoredBlocks, WeightPlan, WeightQuant};
+use fathom_runtime::{Format, QMatrix, WeightBytes};
 
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
-    Quantized { matmul: QMatMul, format: GgmlDType },
+    Quantized(QMatrix),
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +35,23 @@ pub fn ggml_format(q: WeightQuant) -> GgmlDType {
     }
 }
 
+/// The runtime format of a candle block type (`None` for float types).
+pub fn runtime_format(d: GgmlDType) -> Option<Format> {
+    Some(match d {
+        GgmlDType::Q4_0 => Format::Q4_0,
+        GgmlDType::Q4_1 => Format::Q4_1,
+        GgmlDType::Q5_0 => Format::Q5_0,
+        GgmlDType::Q5_1 => Format::Q5_1,
+        GgmlDType::Q8_0 => Format::Q8_0,
+        GgmlDType::Q2K => Format::Q2K,
+        GgmlDType::Q3K => Format::Q3K,
+        GgmlDType::Q4K => Format::Q4K,
+        GgmlDType::Q5K => Format::Q5K,
+        GgmlDType::Q6K => Format::Q6K,
+        _ => return None,
+    })
+}
+
 /// The block format a matrix with `inp` columns is stored in when `quant` is asked for: `quant`
 /// if its block divides the rows, else q8_0 (32-wide blocks), else `None` (stays float).
 pub fn block_format_for(quant: WeightQuant, inp: usize) -> Option<GgmlDType> {
@@ -45,18 +60,43 @@ pub fn block_format_for(quant: WeightQuant, inp: usize) -> Option<GgmlDType> {
         .find(|f| inp % f.block_size() == 0)
 }
 
+/// A candle-quantised tensor [out, in] as a runtime matrix (its bytes moved, not expanded).
+pub fn qmatrix_from_qtensor(q: &QTensor) -> Result<QMatrix> {
+    let (out, inp) = q.shape().dims2()?;
+    let format = runtime_format(q.dtype())
+        .ok_or_else(|| candle_core::Error::Msg(format!("{:?} is not a block format", q.dtype())))?;
+    QMatrix::new(format, out, inp, WeightBytes::owned(q.data()?.into_owned()))
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
 /// Quantise a dense [out, in] weight, falling back to q8_0 or f32 when blocks do not fit.
 pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
     match block_format_for(quant, w.dim(1)?) {
         Some(format) => {
             let q = QTensor::quantize(&w.to_dtype(DType::F32)?, format)?;
-            Ok(Weight::Quantized {
-                matmul: QMatMul::from_qtensor(q)?,
-                format,
-            })
+            Ok(Weight::Quantized(qmatrix_from_qtensor(&q)?))
         }
         None => Ok(Weight::Dense(w)),
     }
+}
+
+/// A file's stored blocks as a runtime matrix of the expected shape, naming the tensor when the
+/// format is unknown or the shape or byte count disagree.
+fn stored_matrix(name: &str, b: StoredBlocks, out: usize, inp: usize) -> Result<QMatrix> {
+    if b.dims != [out, inp] {
+        candle_core::bail!(
+            "tensor `{name}`: stored shape {:?}, the config implies [{out}, {inp}]",
+            b.dims
+        );
+    }
+    let Some(format) = Format::from_ggml_type(b.ggml_type) else {
+        candle_core::bail!("tensor `{name}`: ggml type {} has no kernel", b.ggml_type);
+    };
+    let bytes = WeightBytes::shared(b.owner, b.range).ok_or_else(|| {
+        candle_core::Error::Msg(format!("tensor `{name}`: data outside its file"))
+    })?;
+    QMatrix::new(format, out, inp, bytes)
+        .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}` ({format}): {e}")))
 }
 
 impl Linear {
@@ -80,18 +120,8 @@ impl Linear {
                 .quantized(&name)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             if let Some(q) = q {
-                if q.shape().dims() != [out, inp] {
-                    candle_core::bail!(
-                        "tensor `{name}`: stored shape {:?}, the config implies [{out}, {inp}]",
-                        q.shape().dims()
-                    );
-                }
-                let format = q.dtype();
                 return Ok(Linear {
-                    weight: Weight::Quantized {
-                        matmul: QMatMul::from_qtensor(q)?,
-                        format,
-                    },
+                    weight: Weight::Quantized(stored_matrix(&name, q, out, inp)?),
                     bias,
                 });
             }
@@ -121,7 +151,7 @@ impl Linear {
                 Some(y) => y,
                 None => return linear(x, w, self.bias.as_ref()),
             },
-            Weight::Quantized { matmul, .. } => Self::forward_quantized(matmul, x)?,
+            Weight::Quantized(q) => Self::forward_quantized(q, x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -129,28 +159,18 @@ impl Linear {
         }
     }
 
-    /// x Wᵀ for a block-quantised W: f32 GEMM over the expanded weight for prefill, Fathom's
-    /// mat-vec kernel for decode where it covers the format, else candle's quantised matmul.
-    fn forward_quantized(matmul: &QMatMul, x: &Tensor) -> Result<Tensor> {
-        let QMatMul::QTensor(q) = matmul else {
-            return matmul.forward(&x.contiguous()?);
-        };
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        if rows >= DEQUANTIZE_FROM_ROWS {
-            // Prefill: candle's quantised kernel is a dot product per (row, column) with no
-            // tiling; expanding the weight once and running the f32 GEMM is several times faster
-            // once enough rows share it (docs/benchmarks.md).
-            return linear(x, &q.dequantize(x.device())?, None);
-        }
-        if x.dtype() == DType::F32 && x.device().is_cpu() {
-            let host: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            if let Some(y) = crate::qgemv::gemv(q, &host, rows) {
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank ≥ 1") = q.shape().dims()[0];
-                return Tensor::from_vec(y, dims, x.device());
-            }
-        }
-        matmul.forward(&x.contiguous()?)
+    /// x Wᵀ for a block-quantised W: the runtime's int8 kernels on the stored blocks, for one
+    /// row (decode) and many (prefill) alike.
+    fn forward_quantized(q: &QMatrix, x: &Tensor) -> Result<Tensor> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / k;
+        let host: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = q.matmul(&host, rows);
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = q.rows();
+        Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?
+            .to_device(x.device())?
+            .to_dtype(x.dtype())
     }
 
     /// x [rows, in] (host f32) · Wᵀ through [`crate::rows_matmul`] when W is dense f32 without
@@ -166,10 +186,7 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.dims()[0],
-            Weight::Quantized { matmul, .. } => match matmul {
-                QMatMul::QTensor(q) => q.shape().dims()[0],
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
-            },
+            Weight::Quantized(q) => q.rows(),
         }
     }
 
@@ -188,15 +205,7 @@ impl Linear {
                 format!("{:?}", w.dtype()).to_lowercase(),
                 w.elem_count() * w.dtype().size_in_bytes(),
             ),
-            Weight::Quantized { matmul, format } => {
-                let bytes = match matmul {
-                    QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                        t.elem_count() * t.dtype().size_in_bytes()
-                    }
-                };
-                (format!("{format:?}").to_lowercase(), bytes)
-            }
+            Weight::Quantized(q) => (q.format().name().to_lowercase(), q.bytes().len()),
         }
     }
 }

@@ -6,7 +6,6 @@
 mod common;
 use common::{fixture, max_abs_diff, relative_mean_error};
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use fathom_core::{
@@ -100,7 +99,7 @@ fn deepseek2_q8_0_gguf_uses_llama_cpp_blocks_as_stored() {
         &m.lm_head,
     ] {
         match &lin.weight {
-            Weight::Quantized { format, .. } => assert_eq!(*format, GgmlDType::Q8_0),
+            Weight::Quantized(q) => assert_eq!(q.format(), fathom_runtime::Format::Q8_0),
             Weight::Dense(_) => panic!("a q8_0 tensor was expanded to floats"),
         }
     }

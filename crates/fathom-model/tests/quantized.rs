@@ -144,10 +144,7 @@ fn expert_blocks(model: &CausalLm) -> Vec<u8> {
         panic!("layer 1 is MoE")
     };
     match &moe.experts[5].up_proj.weight {
-        fathom_model::linear::Weight::Quantized {
-            matmul: candle_core::quantized::QMatMul::QTensor(q),
-            ..
-        } => q.data().unwrap().into_owned(),
+        fathom_model::linear::Weight::Quantized(q) => q.bytes().as_slice().to_vec(),
         _ => panic!("expert not held quantised"),
     }
 }

@@ -1,4 +1,4 @@
-//! Splitting the host kernels (few-row matmul, routed experts, quantised mat-vec) over candle's
+//! Splitting the host kernels (quantised matmul, few-row matmul, routed experts) over candle's
 //! barrier pool — the `RAYON_NUM_THREADS` − 1 worker threads candle's own ops use, plus the
 //! calling thread.
 //!
@@ -46,14 +46,14 @@ pub fn for_chunks<F: Fn(Range<usize>) + Sync>(n_items: usize, work: usize, f: F)
 /// A raw output pointer shared by the threads of a region, each writing indices no other thread
 /// writes.
 #[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub *mut f32);
+pub struct SharedOut(pub *mut f32);
 // SAFETY: threads write disjoint indices (every user documents its partition).
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
     /// # Safety
     /// `i` lies inside the buffer and no other thread touches it during the region.
-    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
+    pub unsafe fn at(self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
 }

@@ -1,0 +1,318 @@
+//! AVX2 + FMA + F16C kernels: one weight row against R activation rows, each format's chunk
+//! unpacked once into 32 bytes in registers and multiplied with every activation row
+//! (`maddubs` u8 × i8 → i16 pairs, `madd` with the sub-block scales → i32, one FMA per chunk
+//! and row). The integers are the ones `blocks.rs` defines; unsigned codes (every format but
+//! q8_0 and the iq4 code book) take their offset or minimum through the activation's 16-value
+//! sums, signed ones use the sign trick (|w| · sign(x, w)).
+//!
+//! Saturation: `maddubs` adds two u8 × i8 products into an i16. Codes are ≤ 63 (q6_K) or ≤ 128 in
+//! magnitude (q8_0, iq4), activations ≤ 127: at most 2 · 128 · 127 = 32512 < 32767.
+
+use super::activation::ActRow;
+use super::blocks::{q3k_scales, scale_min_k4, IQ4_VALUES};
+use super::Format;
+use std::arch::x86_64::*;
+
+pub fn supported() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+#[inline(always)]
+unsafe fn f16(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+/// The per-half integer scales as i16 lanes: low 128 bits for weights 0..16, high for 16..32.
+#[inline(always)]
+unsafe fn halves(s0: i32, s1: i32) -> __m256i {
+    _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
+}
+
+/// 16 packed bytes → 32 nibbles: low nibbles first (weights 0..16), then high.
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> __m256i {
+    let packed = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// Bit i of `bits` → byte i = 0x10 (q5_0/q5_1's fifth bit).
+#[inline(always)]
+unsafe fn fifth_bits(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        ),
+    );
+    let set = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_and_si256(
+        _mm256_cmpeq_epi8(set, _mm256_set1_epi64x(-1)),
+        _mm256_set1_epi8(0x10),
+    )
+}
+
+/// Byte-wise: `value` where bit `bit` of the byte of `v` is set, else 0.
+#[inline(always)]
+unsafe fn bit_of_bytes(v: __m256i, bit: usize, value: i8) -> __m256i {
+    let m = _mm256_set1_epi8((1u8 << bit) as i8);
+    _mm256_and_si256(
+        _mm256_cmpeq_epi8(_mm256_and_si256(v, m), m),
+        _mm256_set1_epi8(value),
+    )
+}
+
+#[inline(always)]
+unsafe fn srl16(v: __m256i, n: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
+}
+
+/// acc[r] += dw · dx[r] · Σ sc·u·q over the chunk.
+#[inline(always)]
+unsafe fn mac<const R: usize, const SIGNED: bool>(
+    u: __m256i,
+    sc: __m256i,
+    dw: f32,
+    chunk: usize,
+    acts: &[ActRow; R],
+    acc: &mut [__m256; R],
+) {
+    let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
+    for r in 0..R {
+        let x = _mm256_loadu_si256(acts[r].qs.as_ptr().add(chunk * 32) as *const __m256i);
+        let x = if SIGNED { _mm256_sign_epi8(x, u) } else { x };
+        let s = _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), sc);
+        let f = dw * *acts[r].d.get_unchecked(chunk);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s), acc[r]);
+    }
+}
+
+/// corr[r] += dx[r] · (c0 · Σq over weights 0..16 + c1 · Σq over 16..32).
+#[inline(always)]
+unsafe fn offset<const R: usize>(
+    c0: f32,
+    c1: f32,
+    chunk: usize,
+    acts: &[ActRow; R],
+    corr: &mut [f32; R],
+) {
+    for r in 0..R {
+        let a = &acts[r];
+        let s = c0 * *a.bsum.get_unchecked(2 * chunk) + c1 * *a.bsum.get_unchecked(2 * chunk + 1);
+        corr[r] += *a.d.get_unchecked(chunk) * s;
+    }
+}
+
+/// One weight row (`w`: whole blocks of `format`) · R activation rows.
+///
+/// # Safety
+/// `supported()`; every activation row covers the weight row's width.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut corr = [0f32; R];
+    let bb = format.block_bytes();
+    let blocks = w.len() / bb;
+    let ones = _mm256_set1_epi16(1);
+    let p0 = w.as_ptr();
+    match format {
+        Format::Q8_0 => {
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let u = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+            }
+        }
+        Format::Q4_0 => {
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let d = f16(p);
+                mac::<R, false>(nibbles16(p.add(2)), ones, d, bi, acts, &mut acc);
+                offset(-8.0 * d, -8.0 * d, bi, acts, &mut corr);
+            }
+        }
+        Format::Q4_1 => {
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let m = f16(p.add(2));
+                mac::<R, false>(nibbles16(p.add(4)), ones, f16(p), bi, acts, &mut acc);
+                offset(m, m, bi, acts, &mut corr);
+            }
+        }
+        Format::Q5_0 | Format::Q5_1 => {
+            let q5_1 = format == Format::Q5_1;
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let d = f16(p);
+                let (c, rest) = if q5_1 {
+                    (f16(p.add(2)), p.add(4))
+                } else {
+                    (-16.0 * d, p.add(2))
+                };
+                let qh = u32::from_le_bytes([*rest, *rest.add(1), *rest.add(2), *rest.add(3)]);
+                let u = _mm256_or_si256(nibbles16(rest.add(4)), fifth_bits(qh));
+                mac::<R, false>(u, ones, d, bi, acts, &mut acc);
+                offset(c, c, bi, acts, &mut corr);
+            }
+        }
+        Format::IQ4NL => {
+            let lut =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr() as *const __m128i));
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(2)));
+                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+            }
+        }
+        Format::IQ4XS => {
+            let lut =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr() as *const __m128i));
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let d = f16(p);
+                let sh = u16::from_le_bytes([*p.add(2), *p.add(3)]) as i32;
+                for c in 0..8 {
+                    let sl = (*p.add(4 + c / 2) >> (4 * (c % 2))) & 0xF;
+                    let ls = sl as i32 | (((sh >> (2 * c)) & 3) << 4);
+                    let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(8 + 16 * c)));
+                    mac::<R, true>(u, ones, d * (ls - 32) as f32, bi * 8 + c, acts, &mut acc);
+                }
+            }
+        }
+        Format::Q4K | Format::Q5K => {
+            let q5 = format == Format::Q5K;
+            let low4 = _mm256_set1_epi8(0xF);
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let (d, dmin) = (f16(p), f16(p.add(2)));
+                let scales = std::slice::from_raw_parts(p.add(4), 12);
+                let qs = if q5 { p.add(48) } else { p.add(16) };
+                let qh = if q5 {
+                    _mm256_loadu_si256(p.add(16) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for g in 0..4 {
+                    let q = _mm256_loadu_si256(qs.add(32 * g) as *const __m256i);
+                    for half in 0..2 {
+                        let c = 2 * g + half;
+                        let mut u = _mm256_and_si256(if half == 0 { q } else { srl16(q, 4) }, low4);
+                        if q5 {
+                            u = _mm256_or_si256(u, bit_of_bytes(qh, c, 16));
+                        }
+                        let (sc, m) = scale_min_k4(c, scales);
+                        mac::<R, false>(u, ones, d * sc as f32, bi * 8 + c, acts, &mut acc);
+                        let cm = -dmin * m as f32;
+                        offset(cm, cm, bi * 8 + c, acts, &mut corr);
+                    }
+                }
+            }
+        }
+        Format::Q6K => {
+            let (low4, low2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let d = f16(p.add(208));
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                    for t in 0..4 {
+                        let ql = if t % 2 == 0 { ql0 } else { ql1 };
+                        let low = _mm256_and_si256(if t < 2 { ql } else { srl16(ql, 4) }, low4);
+                        let high = _mm256_and_si256(srl16(qh, 2 * t), low2);
+                        let u = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                        let s0 = *p.add(192 + 8 * n + 2 * t) as i8 as i32;
+                        let s1 = *p.add(192 + 8 * n + 2 * t + 1) as i8 as i32;
+                        let c = bi * 8 + 4 * n + t;
+                        mac::<R, false>(u, halves(s0, s1), d, c, acts, &mut acc);
+                        offset(
+                            -32.0 * d * s0 as f32,
+                            -32.0 * d * s1 as f32,
+                            c,
+                            acts,
+                            &mut corr,
+                        );
+                    }
+                }
+            }
+        }
+        Format::Q2K => {
+            let low2 = _mm256_set1_epi8(3);
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let (d, dmin) = (f16(p.add(80)), f16(p.add(82)));
+                for n in 0..2 {
+                    let q = _mm256_loadu_si256(p.add(16 + 32 * n) as *const __m256i);
+                    for t in 0..4 {
+                        let u = _mm256_and_si256(srl16(q, 2 * t), low2);
+                        let (s0, s1) = (*p.add(8 * n + 2 * t), *p.add(8 * n + 2 * t + 1));
+                        let c = bi * 8 + 4 * n + t;
+                        mac::<R, false>(
+                            u,
+                            halves((s0 & 0xF) as i32, (s1 & 0xF) as i32),
+                            d,
+                            c,
+                            acts,
+                            &mut acc,
+                        );
+                        offset(
+                            -dmin * (s0 >> 4) as f32,
+                            -dmin * (s1 >> 4) as f32,
+                            c,
+                            acts,
+                            &mut corr,
+                        );
+                    }
+                }
+            }
+        }
+        Format::Q3K => {
+            let low2 = _mm256_set1_epi8(3);
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let d = f16(p.add(108));
+                let scales = q3k_scales(std::slice::from_raw_parts(p.add(96), 12));
+                let hm = _mm256_loadu_si256(p as *const __m256i);
+                for n in 0..2 {
+                    let q = _mm256_loadu_si256(p.add(32 + 32 * n) as *const __m256i);
+                    for t in 0..4 {
+                        let c = 4 * n + t;
+                        let low = _mm256_and_si256(srl16(q, 2 * t), low2);
+                        let u = _mm256_or_si256(low, bit_of_bytes(hm, c, 4));
+                        let (s0, s1) = (scales[2 * c] as i32, scales[2 * c + 1] as i32);
+                        mac::<R, false>(u, halves(s0, s1), d, bi * 8 + c, acts, &mut acc);
+                        offset(
+                            -4.0 * d * s0 as f32,
+                            -4.0 * d * s1 as f32,
+                            bi * 8 + c,
+                            acts,
+                            &mut corr,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) + corr[r];
+    }
+    out
+}

@@ -1,0 +1,288 @@
+//! Block-quantised matrices and their products with f32 activations, for every common GGUF
+//! format ([`Format`]): the activations are quantised to int8 once per call
+//! ([`QuantizedActs`]), each weight row's blocks are unpacked once per tile of up to four
+//! activation rows, and the rows of W are split over the thread pool. Decode (one row) and
+//! prefill (hundreds of rows) run the same kernels; the weights are read in their stored bytes,
+//! never expanded to f32 ([`QMatrix::matmul`]). AVX2 where the CPU has it, else the portable
+//! kernel ([`Kernel`]).
+
+mod activation;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod blocks;
+mod format;
+mod portable;
+
+pub use activation::{ActRow, QuantizedActs};
+pub use blocks::{decode_chunk, dequantize};
+pub use format::Format;
+
+use crate::parallel::{for_chunks, SharedOut};
+use std::sync::Arc;
+
+/// Bytes of a weight matrix: owned, or a range of something shared — typically the
+/// memory-mapped checkpoint, so a stored tensor is used where it lies (zero-copy).
+#[derive(Clone)]
+pub struct WeightBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl WeightBytes {
+    pub fn owned(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        WeightBytes {
+            owner: Arc::new(bytes),
+            start: 0,
+            len,
+        }
+    }
+
+    /// `range` of `owner`'s bytes; `None` when it lies outside them.
+    pub fn shared(
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Option<Self> {
+        let total = (*owner).as_ref().len();
+        (range.start <= range.end && range.end <= total).then(|| WeightBytes {
+            owner,
+            start: range.start,
+            len: range.end - range.start,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for WeightBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightBytes({} bytes)", self.len)
+    }
+}
+
+/// Which kernel runs the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs, chosen at run time.
+    pub fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::supported() {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+
+    fn dot_row<const R: usize>(self, f: Format, w: &[u8], acts: &[ActRow; R]) -> [f32; R] {
+        match self {
+            Kernel::Portable => portable::dot_row(f, w, acts),
+            // SAFETY: `Avx2` is only chosen (by `best`) or accepted (by `QMatrix::matmul_with`)
+            // when the CPU has the features; activation rows cover the row width (checked by
+            // the caller).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                assert!(
+                    avx2::supported(),
+                    "AVX2 kernel asked for on a CPU without AVX2"
+                );
+                unsafe { avx2::dot_row(f, w, acts) }
+            }
+        }
+    }
+}
+
+/// A row-major [rows, cols] matrix in a block format (each row whole blocks).
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    bytes: WeightBytes,
+}
+
+/// Why bytes are not a matrix of the given shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShapeError {
+    Width { cols: usize, block: usize },
+    Length { expected: usize, found: usize },
+}
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShapeError::Width { cols, block } => {
+                write!(
+                    f,
+                    "row width {cols} is not a multiple of the format's block of {block}"
+                )
+            }
+            ShapeError::Length { expected, found } => {
+                write!(f, "expected {expected} bytes for the shape, found {found}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+/// Activation rows per tile: each unpacked weight chunk is multiplied with this many rows.
+pub const ROW_TILE: usize = 4;
+
+impl QMatrix {
+    pub fn new(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        bytes: WeightBytes,
+    ) -> Result<Self, ShapeError> {
+        let block = format.block_elems();
+        if cols % block != 0 {
+            return Err(ShapeError::Width { cols, block });
+        }
+        let expected = rows * (cols / block) * format.block_bytes();
+        if bytes.len() != expected {
+            return Err(ShapeError::Length {
+                expected,
+                found: bytes.len(),
+            });
+        }
+        Ok(QMatrix {
+            format,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn bytes(&self) -> &WeightBytes {
+        &self.bytes
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.format.block_elems() * self.format.block_bytes()
+    }
+
+    /// Row `r`'s stored blocks.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes.as_slice()[r * rb..(r + 1) * rb]
+    }
+
+    /// The whole matrix as f32 [rows, cols].
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        dequantize(self.format, self.bytes.as_slice(), &mut out);
+        out
+    }
+
+    /// Rows `idx` as f32 (embedding lookups).
+    pub fn dequantize_rows(&self, idx: &[usize]) -> Vec<f32> {
+        let mut out = vec![0f32; idx.len() * self.cols];
+        for (dst, &r) in out.chunks_exact_mut(self.cols).zip(idx) {
+            dequantize(self.format, self.row(r), dst);
+        }
+        out
+    }
+
+    /// y [m, rows] = x [m, cols] · Wᵀ with the best kernel.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut acts = QuantizedActs::default();
+        acts.quantize_into(x, m, self.cols);
+        let mut y = vec![0f32; m * self.rows];
+        self.matmul_acts(Kernel::best(), &acts, &mut y);
+        y
+    }
+
+    /// y [acts.rows, rows] = acts · Wᵀ into `y` with `kernel`.
+    ///
+    /// Weight rows are split over the pool in chunks; inside a chunk, every tile of
+    /// [`ROW_TILE`] activation rows passes over the chunk's weight rows, which stay in cache.
+    pub fn matmul_acts(&self, kernel: Kernel, acts: &QuantizedActs, y: &mut [f32]) {
+        assert_eq!(acts.k, self.cols, "activation width vs matrix columns");
+        let (m, n) = (acts.rows, self.rows);
+        assert_eq!(y.len(), m * n, "output length");
+        let dst = SharedOut(y.as_mut_ptr());
+        // Weight rows per scheduling unit: enough that a unit's bytes (~16 KiB) amortise the
+        // activation tiles streamed past them, few enough to balance two threads on small n.
+        let unit = (16 * 1024 / self.row_bytes().max(1)).clamp(4, 64);
+        let units = n.div_ceil(unit);
+        let run = |range: std::ops::Range<usize>| {
+            for u in range {
+                let rows = u * unit..((u + 1) * unit).min(n);
+                let mut r0 = 0;
+                while r0 < m {
+                    let count = ROW_TILE.min(m - r0);
+                    for wr in rows.clone() {
+                        let w = self.row(wr);
+                        let put = |i: usize, v: f32| {
+                            // SAFETY: (r0 + i, wr) is written by this unit only.
+                            unsafe { *dst.at((r0 + i) * n + wr) = v };
+                        };
+                        match count {
+                            1 => {
+                                let o = kernel.dot_row::<1>(self.format, w, &[acts.row(r0)]);
+                                put(0, o[0]);
+                            }
+                            2 => {
+                                let a = [acts.row(r0), acts.row(r0 + 1)];
+                                for (i, v) in kernel
+                                    .dot_row::<2>(self.format, w, &a)
+                                    .into_iter()
+                                    .enumerate()
+                                {
+                                    put(i, v);
+                                }
+                            }
+                            3 => {
+                                let a = [acts.row(r0), acts.row(r0 + 1), acts.row(r0 + 2)];
+                                for (i, v) in kernel
+                                    .dot_row::<3>(self.format, w, &a)
+                                    .into_iter()
+                                    .enumerate()
+                                {
+                                    put(i, v);
+                                }
+                            }
+                            _ => {
+                                let a = std::array::from_fn(|i| acts.row(r0 + i));
+                                for (i, v) in kernel
+                                    .dot_row::<4>(self.format, w, &a)
+                                    .into_iter()
+                                    .enumerate()
+                                {
+                                    put(i, v);
+                                }
+                            }
+                        }
+                    }
+                    r0 += count;
+                }
+            }
+        };
+        for_chunks(units, m * n * self.cols, run);
+    }
+}
