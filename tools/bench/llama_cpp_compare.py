@@ -15,6 +15,11 @@ Setup (once):
   done
 Run:
   python tools/bench/llama_cpp_compare.py --llama-cpp $LLAMA [--threads 2 --pp 512 --tg 128 --rounds 2]
+      [--formats q8_0,q4_0,q4_k_m,q4_1,...] [--baseline OLD_FATHOM_BINARY] [--depth 4096]
+Other formats: `llama-quantize runs/bench-models/$m.f16.gguf runs/bench-models/$m.q4_k_m.gguf Q4_K_M`
+(file names are `{model}.{format in lower case}.gguf`). `--baseline` also runs a previous Fathom
+binary in the same rounds and reports new / previous; `--depth D` adds decode after a D-token
+context (llama-bench `-d D`, Fathom `decode_after_prompt_tok_s` with a D-token prompt).
 """
 
 import argparse
@@ -36,9 +41,15 @@ def llama_bench(binary, model, pp, tg, threads):
 
 def fathom_bench(binary, model, pp, tg, threads):
     out = subprocess.run([binary, "bench", "--model", model, "--prompt-tokens", str(pp), "--gen-tokens", str(tg),
-                          "--threads", str(threads), "--repeat", "1", "--format", "json"], check=True,
+                          "--threads", str(threads), "--repeat", "1", "--format", "json", "--no-spec"], check=True,
                          capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout)
+
+
+def llama_bench_depth(binary, model, depth, tg, threads):
+    out = subprocess.run([binary, "-m", model, "-p", "0", "-n", str(tg), "-d", str(depth), "-t", str(threads),
+                          "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)[0]["avg_ts"]
 
 
 def main():
@@ -52,16 +63,32 @@ def main():
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--fathom", default=os.path.join(ROOT, "target", "release", "fathom"))
+    ap.add_argument("--baseline", help="a previous fathom binary, run in the same rounds")
+    ap.add_argument("--depth", type=int, default=0, help="also decode after a context of this many tokens")
     a = ap.parse_args()
     lb = os.path.join(a.llama_cpp, "build", "bin", "llama-bench")
     rows = []
     for name in a.names.split(","):
         for fmt in a.formats.split(","):
             path = os.path.join(a.models, f"{name}.{fmt}.gguf")
-            best = {"lpp": 0, "ltg": 0, "fpp": 0, "ftg": 0}
+            if not os.path.exists(path):
+                print(f"skipped: {path} does not exist", flush=True)
+                continue
+            best = {"lpp": 0, "ltg": 0, "fpp": 0, "ftg": 0, "bpp": 0, "btg": 0, "ld": 0, "fd": 0}
             rep, roof = None, 0.0
             for _ in range(a.rounds):
                 lpp, ltg = llama_bench(lb, path, a.pp, a.tg, a.threads)
+                if a.baseline:
+                    try:
+                        old = fathom_bench(a.baseline, path, a.pp, a.tg, a.threads)
+                        best["bpp"] = max(best["bpp"], old["prefill_tok_s"])
+                        best["btg"] = max(best["btg"], old["decode_tok_s"])
+                    except subprocess.CalledProcessError:
+                        pass  # the previous binary cannot load this format
+                if a.depth:
+                    best["ld"] = max(best["ld"], llama_bench_depth(lb, path, a.depth, a.tg, a.threads))
+                    deep = fathom_bench(a.fathom, path, a.depth, a.tg, a.threads)
+                    best["fd"] = max(best["fd"], deep["decode_after_prompt_tok_s"])
                 rep = fathom_bench(a.fathom, path, a.pp, a.tg, a.threads)
                 best["lpp"], best["ltg"] = max(best["lpp"], lpp), max(best["ltg"], ltg)
                 best["fpp"] = max(best["fpp"], rep["prefill_tok_s"])
@@ -71,6 +98,19 @@ def main():
             rows.append((name, fmt, best, rep, roof))
             print(f"{name} {fmt}: {best} roofline {roof:.1f}", flush=True)
     print()
+    if a.baseline:
+        print("| model | weights | pp new / previous Fathom | tg new / previous Fathom |")
+        print("|---|---|---|---|")
+        for name, fmt, b, rep, roof in rows:
+            print(f"| {name} | {fmt} | {b['fpp']:.1f} / {b['bpp']:.1f} = **{b['fpp'] / max(b['bpp'], 1e-9):.2f}×** | "
+                  f"{b['ftg']:.1f} / {b['btg']:.1f} = **{b['ftg'] / max(b['btg'], 1e-9):.2f}×** |")
+        print()
+    if a.depth:
+        print(f"| model | weights | tg{a.tg} at depth {a.depth}: llama.cpp | Fathom | ratio |")
+        print("|---|---|---|---|---|")
+        for name, fmt, b, rep, roof in rows:
+            print(f"| {name} | {fmt} | {b['ld']:.1f} | {b['fd']:.1f} | **{b['fd'] / max(b['ld'], 1e-9):.2f}×** |")
+        print()
     print(f"| model | weights | pp{a.pp} llama.cpp | pp{a.pp} Fathom | ratio | tg{a.tg} llama.cpp | tg{a.tg} Fathom | ratio "
           f"| roofline tok/s | Fathom / llama.cpp % of roofline | Fathom peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -166,10 +166,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
 fn timed_prefill(model: &CausalLm, cache: &mut KvCache, prompt: &[u32]) -> Result<(f64, u32)> {
     let ids = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
     let t0 = Instant::now();
-    let logits = model.forward(&ids, 0, Some(cache))?;
-    let next = logits
-        .squeeze(0)?
-        .get(prompt.len() - 1)?
+    // Logits of the last position only, as the engine's prefill and llama-bench compute them.
+    let hidden = model.forward_hidden(&ids, 0, Some(cache))?.hidden;
+    let last = hidden.narrow(1, prompt.len() - 1, 1)?;
+    let next = model
+        .logits(&last)?
+        .flatten_all()?
         .argmax(0)?
         .to_scalar::<u32>()?;
     Ok((t0.elapsed().as_secs_f64(), next))

@@ -724,7 +724,7 @@ fn cmd_inspect(model: Option<PathBuf>, format: Format) -> Result<()> {
         (None, Some(g)) => {
             for name in g.tensor_names() {
                 let (dt, shape) = g.tensor_info(name).expect("listed tensor");
-                *dtypes.entry(format!("{dt:?}")).or_default() += 1;
+                *dtypes.entry(dt.name().to_uppercase()).or_default() += 1;
                 stored_params += shape.iter().product::<usize>();
             }
             g.contains(&mtp_name)

@@ -22,8 +22,9 @@
 
 use crate::config::{ModelConfig, QuantizedSource, RopeScaling, StoredBlocks};
 use crate::error::{FathomError, Result};
-use candle_core::quantized::gguf_file::{Content, Value as GValue};
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use crate::gguf_header::{read_header, Header, StoredType};
+use candle_core::quantized::gguf_file::Value as GValue;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use serde_json::{json, Value};
@@ -62,7 +63,7 @@ pub struct GgufCheckpoint {
     path: PathBuf,
     /// Shared with the projections that use their stored blocks where they lie.
     mmap: std::sync::Arc<Mmap>,
-    content: Content,
+    header: Header,
     layout: Layout,
 }
 
@@ -87,8 +88,7 @@ impl GgufCheckpoint {
         let file = std::fs::File::open(path).map_err(|e| FathomError::io(path, e))?;
         // SAFETY: read-only map; the file is not expected to change while loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FathomError::io(path, e))?;
-        let mut cursor = std::io::Cursor::new(&mmap[..]);
-        let content = Content::read(&mut cursor).map_err(|e| FathomError::Config {
+        let content = read_header(&mmap).map_err(|e| FathomError::Config {
             file: path.to_path_buf(),
             field: "<gguf header>".into(),
             msg: format!("not a readable GGUF file: {e}"),
@@ -121,10 +121,10 @@ impl GgufCheckpoint {
         let ckpt = GgufCheckpoint {
             path: path.to_path_buf(),
             mmap: std::sync::Arc::new(mmap),
-            content,
+            header: content,
             layout,
         };
-        for name in ckpt.content.tensor_infos.keys() {
+        for name in ckpt.header.tensors.keys() {
             ckpt.raw(name)?;
         }
         Ok(ckpt)
@@ -136,19 +136,19 @@ impl GgufCheckpoint {
 
     /// Metadata value, for inspection.
     pub fn metadata(&self, key: &str) -> Option<&GValue> {
-        self.content.metadata.get(key)
+        self.header.metadata.get(key)
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
-        self.content.tensor_infos.keys()
+        self.header.tensors.keys()
     }
 
     /// (stored format, row-major shape) of a stored tensor.
-    pub fn tensor_info(&self, gguf_name: &str) -> Option<(GgmlDType, Vec<usize>)> {
-        self.content
-            .tensor_infos
+    pub fn tensor_info(&self, gguf_name: &str) -> Option<(StoredType, Vec<usize>)> {
+        self.header
+            .tensors
             .get(gguf_name)
-            .map(|i| (i.ggml_dtype, i.shape.dims().to_vec()))
+            .map(|i| (i.ty, i.dims.clone()))
     }
 
     fn err(&self, tensor: &str, msg: impl Into<String>) -> FathomError {
@@ -164,26 +164,26 @@ impl GgufCheckpoint {
     }
 
     /// (format, row-major dims, bytes) of a stored tensor, bounds-checked.
-    fn raw(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, &[u8])> {
+    fn raw(&self, name: &str) -> Result<(StoredType, Vec<usize>, &[u8])> {
         let info = self
-            .content
-            .tensor_infos
+            .header
+            .tensors
             .get(name)
             .ok_or_else(|| self.err(name, "missing from the GGUF file"))?;
-        let dims = info.shape.dims().to_vec();
-        let elems: usize = dims.iter().product();
-        let block = info.ggml_dtype.block_size();
-        if elems % block != 0 {
+        let dims = info.dims.clone();
+        let elems = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let (block, block_bytes) = info.ty.block();
+        let Some(elems) = elems.filter(|e| e % block == 0) else {
             return Err(self.err(
                 name,
                 format!(
-                    "{elems} elements do not fill whole {:?} blocks of {block}",
-                    info.ggml_dtype
+                    "shape {dims:?} does not fill whole {} blocks of {block}",
+                    info.ty
                 ),
             ));
-        }
-        let size = elems / block * info.ggml_dtype.type_size();
-        let start = self.content.tensor_data_offset.saturating_add(info.offset) as usize;
+        };
+        let size = elems / block * block_bytes;
+        let start = self.header.data_offset.saturating_add(info.offset) as usize;
         if start
             .checked_add(size)
             .is_none_or(|end| end > self.mmap.len())
@@ -196,34 +196,26 @@ impl GgufCheckpoint {
                 ),
             ));
         }
-        Ok((info.ggml_dtype, dims, &self.mmap[start..start + size]))
+        Ok((info.ty, dims, &self.mmap[start..start + size]))
     }
 
-    /// Byte offset of a stored tensor's data in the file (after [`Self::raw`] checked it).
-    fn data_start(&self, name: &str) -> usize {
-        let info = &self.content.tensor_infos[name];
-        self.content.tensor_data_offset.saturating_add(info.offset) as usize
-    }
-
-    /// A single-tensor source in its stored blocks: a range of the mapped file for whole tensors
-    /// and experts (zero-copy), a rewritten buffer for Llama's unpermuted rows.
-    fn stored_blocks(&self, src: &Source) -> Result<StoredBlocks> {
-        let shared = |dims: Vec<usize>, range: std::ops::Range<usize>, dtype| {
-            Ok(StoredBlocks {
-                ggml_type: ggml_type_id(dtype),
-                dims,
-                owner: self.mmap.clone(),
-                range,
-            })
-        };
+    /// The tensor a single-tensor source names, in its stored format (experts sliced, Llama rows
+    /// unpermuted), with its range in the file when it is one (`None`: rewritten). `KvB` is two
+    /// tensors and is joined by `load_f32` instead.
+    fn slice(&self, src: &Source) -> Result<Slice<'_>> {
         match src {
             Source::Tensor(n) => {
-                let (dtype, dims, bytes) = self.raw(n)?;
-                let start = self.data_start(n);
-                shared(dims, start..start + bytes.len(), dtype)
+                let (ty, dims, bytes) = self.raw(n)?;
+                let start = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+                Ok(Slice {
+                    ty,
+                    dims,
+                    bytes: Cow::Borrowed(bytes),
+                    at: Some(start),
+                })
             }
             Source::Expert(n, e) => {
-                let (dtype, dims, bytes) = self.raw(n)?;
+                let (ty, dims, bytes) = self.raw(n)?;
                 if dims.len() != 3 || *e >= dims[0] {
                     return Err(self.err(
                         n,
@@ -233,52 +225,25 @@ impl GgufCheckpoint {
                     ));
                 }
                 let per = bytes.len() / dims[0];
-                let start = self.data_start(n) + e * per;
-                shared(dims[1..].to_vec(), start..start + per, dtype)
-            }
-            Source::Unpermute(..) => {
-                let q = self.block_tensor(src)?;
-                let bytes = q.data()?.into_owned();
-                let len = bytes.len();
-                Ok(StoredBlocks {
-                    ggml_type: ggml_type_id(q.dtype()),
-                    dims: q.shape().dims().to_vec(),
-                    owner: std::sync::Arc::new(bytes),
-                    range: 0..len,
+                let part = &bytes[e * per..(e + 1) * per];
+                let start = part.as_ptr() as usize - self.mmap.as_ptr() as usize;
+                Ok(Slice {
+                    ty,
+                    dims: dims[1..].to_vec(),
+                    bytes: Cow::Borrowed(part),
+                    at: Some(start),
                 })
             }
+            Source::Unpermute(n, heads) => self.unpermute(n, *heads),
             Source::KvB { k_b, .. } => Err(self.err(k_b, "kv_b_proj is two tensors, not one")),
         }
     }
 
-    fn qtensor(&self, dtype: GgmlDType, bytes: &[u8], dims: Vec<usize>) -> Result<QTensor> {
-        let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype)?;
-        Ok(QTensor::new(storage, dims)?)
-    }
-
-    fn stored(&self, name: &str) -> Result<QTensor> {
-        let (dtype, dims, bytes) = self.raw(name)?;
-        self.qtensor(dtype, bytes, dims)
-    }
-
-    /// Expert `e` of a stacked [E, out, in] tensor: a contiguous slice of its blocks.
-    fn expert(&self, name: &str, e: usize) -> Result<QTensor> {
-        let (dtype, dims, bytes) = self.raw(name)?;
-        if dims.len() != 3 || e >= dims[0] {
-            return Err(self.err(
-                name,
-                format!("expected stacked experts [E, out, in] with E > {e}, found {dims:?}"),
-            ));
-        }
-        let per = bytes.len() / dims[0];
-        self.qtensor(dtype, &bytes[e * per..(e + 1) * per], dims[1..].to_vec())
-    }
-
     /// Undo convert_hf_to_gguf's `permute`: rows (head, pair, half) were reordered to
     /// (head, half, pair); whole rows move, so quantised blocks stay intact.
-    fn unpermute(&self, name: &str, heads: usize) -> Result<QTensor> {
-        let (dtype, dims, bytes) = self.raw(name)?;
-        if dims.len() != 2 || dims[0] % (2 * heads) != 0 {
+    fn unpermute(&self, name: &str, heads: usize) -> Result<Slice<'_>> {
+        let (ty, dims, bytes) = self.raw(name)?;
+        if dims.len() != 2 || heads == 0 || dims[0] % (2 * heads) != 0 {
             return Err(self.err(
                 name,
                 format!("cannot undo the RoPE permutation of {dims:?} for {heads} heads"),
@@ -299,18 +264,40 @@ impl GgufCheckpoint {
                 }
             }
         }
-        self.qtensor(dtype, &out, dims)
+        Ok(Slice {
+            ty,
+            dims,
+            bytes: Cow::Owned(out),
+            at: None,
+        })
+    }
+
+    /// A source in its stored blocks: a range of the mapped file for whole tensors and experts
+    /// (zero-copy), a rewritten buffer for Llama's unpermuted rows.
+    fn stored_blocks(&self, src: &Source) -> Result<StoredBlocks> {
+        let s = self.slice(src)?;
+        let len = s.bytes.len();
+        let (owner, range): (std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>, _) = match s.at {
+            Some(start) => (self.mmap.clone(), start..start + len),
+            None => (std::sync::Arc::new(s.bytes.into_owned()), 0..len),
+        };
+        Ok(StoredBlocks {
+            ggml_type: s.ty.ggml_type(),
+            dims: s.dims,
+            owner,
+            range,
+        })
     }
 
     fn meta(&self, key: &str) -> Option<&GValue> {
-        self.content
+        self.header
             .metadata
             .get(&format!("{}.{key}", arch_prefix(self.layout)))
     }
 
     fn meta_u64(&self, key: &str) -> Result<Option<u64>> {
         let full = format!("{}.{key}", arch_prefix(self.layout));
-        match self.content.metadata.get(&full) {
+        match self.header.metadata.get(&full) {
             None => Ok(None),
             Some(v) => v
                 .to_u64()
@@ -343,14 +330,14 @@ impl GgufCheckpoint {
     /// The Hugging Face `config.json` this file describes.
     pub fn hf_config(&self) -> Result<Value> {
         if self.layout == Layout::Fathom {
-            let text = match self.content.metadata.get(FATHOM_CONFIG_KEY) {
+            let text = match self.header.metadata.get(FATHOM_CONFIG_KEY) {
                 Some(GValue::String(s)) => s,
                 _ => return Err(self.field_err(FATHOM_CONFIG_KEY, "expected a string")),
             };
             return serde_json::from_str(text)
                 .map_err(|e| self.field_err(FATHOM_CONFIG_KEY, e.to_string()));
         }
-        let has = |n: &str| self.content.tensor_infos.contains_key(n);
+        let has = |n: &str| self.header.tensors.contains_key(n);
         let layers = self.req_u64("block_count")?;
         let hidden = self.req_u64("embedding_length")?;
         let heads = self.req_u64("attention.head_count")?;
@@ -513,7 +500,7 @@ impl GgufCheckpoint {
     }
 
     fn token_id(&self, key: &str) -> Option<u64> {
-        self.content
+        self.header
             .metadata
             .get(key)
             .and_then(|v| v.to_u32().map(u64::from).or_else(|_| v.to_u64()).ok())
@@ -523,7 +510,7 @@ impl GgufCheckpoint {
     pub fn model_config(&self) -> Result<ModelConfig> {
         let raw = self.hf_config()?;
         let mut cfg = ModelConfig::from_value(raw, &self.path)?;
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+        if self.header.tensors.contains_key("rope_freqs.weight") {
             let f = self.load_gguf_f32("rope_freqs.weight")?;
             let factors: Vec<f32> = f.flatten_all()?.to_vec1()?;
             cfg.rope_scaling = Some(RopeScaling::FreqFactors {
@@ -575,7 +562,7 @@ impl GgufCheckpoint {
             "self_attn.kv_a_layernorm" => "attn_kv_a_norm",
             "self_attn.kv_b_proj" => {
                 let old = format!("{blk}.attn_kv_b.weight");
-                if self.content.tensor_infos.contains_key(&old) {
+                if self.header.tensors.contains_key(&old) {
                     return t(old);
                 }
                 return Some(Source::KvB {
@@ -612,7 +599,7 @@ impl GgufCheckpoint {
     }
 
     fn present(&self, src: &Source) -> bool {
-        let has = |n: &str| self.content.tensor_infos.contains_key(n);
+        let has = |n: &str| self.header.tensors.contains_key(n);
         match src {
             Source::Tensor(n) | Source::Expert(n, _) | Source::Unpermute(n, _) => has(n),
             Source::KvB { k_b, v_b } => has(k_b) && has(v_b),
@@ -625,7 +612,8 @@ impl GgufCheckpoint {
     }
 
     fn load_gguf_f32(&self, name: &str) -> Result<Tensor> {
-        Ok(self.stored(name)?.dequantize(&Device::Cpu)?)
+        self.slice(&Source::Tensor(name.to_string()))?
+            .to_f32(self, name)
     }
 
     /// An HF-named tensor as f32 (dequantised when stored in blocks).
@@ -643,50 +631,66 @@ impl GgufCheckpoint {
                 let rows = joined.dim(1)?;
                 Ok(joined.reshape((h * rows, r))?.contiguous()?)
             }
-            other => Ok(self.block_tensor(&other)?.dequantize(&Device::Cpu)?),
-        }
-    }
-
-    /// The tensor a single-tensor source names, in its stored format (experts sliced, Llama rows
-    /// unpermuted). `KvB` is two tensors and is joined by `load_f32` instead.
-    fn block_tensor(&self, src: &Source) -> Result<QTensor> {
-        match src {
-            Source::Tensor(n) => self.stored(n),
-            Source::Expert(n, e) => self.expert(n, *e),
-            Source::Unpermute(n, h) => self.unpermute(n, *h),
-            Source::KvB { k_b, .. } => Err(self.err(k_b, "kv_b_proj is two tensors, not one")),
+            other => {
+                let name = match &other {
+                    Source::Tensor(n) | Source::Expert(n, _) | Source::Unpermute(n, _) => n.clone(),
+                    Source::KvB { .. } => unreachable!("matched above"),
+                };
+                self.slice(&other)?.to_f32(self, &name)
+            }
         }
     }
 
     /// The tokenizer the metadata describes (byte-level BPE, llama.cpp's `gpt2` model).
     pub fn tokenizer(&self) -> Result<crate::tokenizer::TextTokenizer> {
-        crate::tokenizer::TextTokenizer::from_gguf_metadata(&self.content.metadata, &self.path)
+        crate::tokenizer::TextTokenizer::from_gguf_metadata(&self.header.metadata, &self.path)
     }
 }
 
-fn is_block_format(d: GgmlDType) -> bool {
-    !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+/// A tensor's stored bytes, borrowed from the map (`at`: their offset in the file) or rewritten.
+struct Slice<'a> {
+    ty: StoredType,
+    dims: Vec<usize>,
+    bytes: Cow<'a, [u8]>,
+    at: Option<usize>,
 }
 
-/// ggml's numeric type id (`GGML_TYPE_*`) of a candle block type.
-fn ggml_type_id(d: GgmlDType) -> u32 {
-    match d {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
+impl Slice<'_> {
+    /// The values as an f32 tensor (block formats through the runtime's decoding).
+    fn to_f32(&self, ckpt: &GgufCheckpoint, name: &str) -> Result<Tensor> {
+        let n: usize = self.dims.iter().product();
+        let b = &self.bytes;
+        let values: Vec<f32> = match self.ty {
+            StoredType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            StoredType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            StoredType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            StoredType::Block(f) => {
+                let mut out = vec![0f32; n];
+                fathom_runtime::quant::dequantize(f, b, &mut out);
+                out
+            }
+        };
+        if values.len() != n {
+            return Err(ckpt.err(
+                name,
+                format!("{} values for shape {:?}", values.len(), self.dims),
+            ));
+        }
+        Ok(Tensor::from_vec(values, self.dims.clone(), &Device::Cpu)?)
     }
+}
+
+fn is_block_format(d: StoredType) -> bool {
+    matches!(d, StoredType::Block(_))
 }
 
 impl QuantizedSource for GgufCheckpoint {

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod gguf_header;
 pub mod tokenizer;
 pub mod weights;
 

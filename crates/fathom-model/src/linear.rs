@@ -13,6 +13,13 @@ use candle_nn::VarBuilder;
 use fathom_core::{StoredBlocks, WeightPlan, WeightQuant};
 use fathom_runtime::{Format, QMatrix, WeightBytes};
 
+/// From this many input rows on, a quantised projection expands its weight to f32 and runs the
+/// f32 GEMM (prefill). Measured (`cargo run --release -p fathom-runtime --example
+/// qmatmul_bench`, [2048×768]·512 on 2 threads): the runtime's int8 GEMM runs 19–30 GMAC/s
+/// where dequantise + f32 GEMM runs 40–49, so prefill keeps the expansion until the int8 GEMM
+/// streams repacked weights; below it the int8 kernels win by 6–70× (no expansion at all).
+pub const DEQUANTIZE_FROM_ROWS: usize = 32;
+
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
@@ -159,11 +166,16 @@ impl Linear {
         }
     }
 
-    /// x Wᵀ for a block-quantised W: the runtime's int8 kernels on the stored blocks, for one
-    /// row (decode) and many (prefill) alike.
+    /// x Wᵀ for a block-quantised W: the runtime's int8 kernels on the stored blocks below
+    /// [`DEQUANTIZE_FROM_ROWS`] rows (decode, speculative verification, small expert batches);
+    /// from there on the weight is expanded to f32 once for the call and the f32 GEMM runs.
     fn forward_quantized(q: &QMatrix, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / k;
+        if rows >= DEQUANTIZE_FROM_ROWS {
+            let w = Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), x.device())?;
+            return linear(x, &w.to_dtype(x.dtype())?, None);
+        }
         let host: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let y = q.matmul(&host, rows);
         let mut dims = x.dims().to_vec();

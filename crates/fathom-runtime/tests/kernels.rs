@@ -135,7 +135,7 @@ fn every_kernel_equals_dequantise_then_dot() {
             let bytes = random_blocks(format, n * cols / format.block_elems(), &mut rng);
             let w = QMatrix::new(format, n, cols, WeightBytes::owned(bytes)).unwrap();
             let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform()).collect();
-            let acts = QuantizedActs::quantize(&x, m, cols);
+            let acts = QuantizedActs::quantize(&x, m, cols, format.act_group());
             for &kernel in &kernels {
                 let mut y = vec![0f32; m * n];
                 w.matmul_acts(kernel, &acts, &mut y);
@@ -219,6 +219,7 @@ fn one_row_kernel_agrees_with_the_chunk_definition() {
             let acts = QuantizedActs {
                 rows: 1,
                 k: be,
+                group: format.act_group(),
                 qs,
                 d,
                 bsum,

@@ -1,17 +1,55 @@
-//! Activations quantised once per call for the int8 dot products: per 32 values an f32 scale
-//! `d = max|x| / 127` and `q = round(x / d)` (llama.cpp's q8_0 rule), plus the sums of q over each
-//! 16 values, which the offset and minimum terms of the block formats need (see `blocks.rs`).
-//! One layout serves every weight format (llama.cpp uses q8_K for the k-quants; a scale per 32
-//! values instead of per 256 is a little more precise and costs one multiply per chunk).
+//! Activations quantised once per call for the int8 dot products: per *group* of values a scale
+//! `d ≈ max|x| / 127` and `q = round(x / d)` (llama.cpp's exact rules, below), plus the sums of q over each 16 values, which
+//! the offset and minimum terms of the block formats need (see `blocks.rs`). Groups of 32 are
+//! llama.cpp's q8_0 activations (for the 32-weight formats, whose every block has its own scale
+//! anyway); groups of 256 are its q8_K (for the k-quants and iq4_xs: one activation scale per
+//! super-block lets the kernel sum a whole super-block in integers and convert once). The scale is
+//! stored per 32 values either way (repeated within a 256-group), so every kernel reads one
+//! layout.
 
 /// `rows` activation rows of `k` values each (k a multiple of 32).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedActs {
     pub rows: usize,
     pub k: usize,
+    /// Values sharing one scale: 32 or 256.
+    pub group: usize,
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub bsum: Vec<f32>,
+}
+
+/// llama.cpp's q8_0 activation rule (ggml-cpu's `quantize_row_q8_0`): q = x · 127/max|x| rounded
+/// half to even, d = max|x|/127 kept as f16 — followed exactly, so a product matches llama.cpp's
+/// to the rounding of its sums.
+fn quantize_q8_0(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for (qi, &v) in q.iter_mut().zip(x) {
+        *qi = (v * id).round_ties_even() as i8;
+    }
+    half::f16::from_f32(amax / 127.0).to_f32()
+}
+
+/// llama.cpp's q8_K rule (`quantize_row_q8_K_ref`): the value of largest magnitude (first one)
+/// sets iscale = −127/max, q = nearest(iscale · x) (half to even), d = 1/iscale in f32.
+fn quantize_q8_k(x: &[f32], q: &mut [i8]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        *qi = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
+    1.0 / iscale
 }
 
 /// One row's slices.
@@ -23,40 +61,36 @@ pub struct ActRow<'a> {
 }
 
 impl QuantizedActs {
-    /// Quantise `x` ([rows, k] row-major), reusing this buffer's allocations.
-    pub fn quantize_into(&mut self, x: &[f32], rows: usize, k: usize) {
+    /// Quantise `x` ([rows, k] row-major) in groups of `group` (32 or 256, dividing k), reusing
+    /// this buffer's allocations.
+    pub fn quantize_into(&mut self, x: &[f32], rows: usize, k: usize, group: usize) {
+        assert!(group == 32 || group == 256, "activation group {group}");
         assert!(
-            k % 32 == 0 && x.len() == rows * k,
-            "activations: {rows}×{k} vs {}",
+            k % group == 0 && x.len() == rows * k,
+            "activations: {rows}×{k} in groups of {group} vs {} values",
             x.len()
         );
         self.rows = rows;
         self.k = k;
+        self.group = group;
         self.qs.resize(rows * k, 0);
         self.d.resize(rows * k / 32, 0.0);
         self.bsum.resize(rows * k / 16, 0.0);
-        for (b, (src, q)) in x
-            .chunks_exact(32)
-            .zip(self.qs.chunks_exact_mut(32))
-            .enumerate()
-        {
-            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (qi, &v) in q.iter_mut().zip(src) {
-                *qi = (v * id).round() as i8;
-            }
-            self.d[b] = d;
-            for h in 0..2 {
-                let s: i32 = q[16 * h..16 * h + 16].iter().map(|&v| v as i32).sum();
-                self.bsum[2 * b + h] = s as f32;
+        let per = group / 32;
+        let groups = x.chunks_exact(group).zip(self.qs.chunks_exact_mut(group));
+        for (g, (src, q)) in groups.enumerate() {
+            let d = if group == 32 { quantize_q8_0(src, q) } else { quantize_q8_k(src, q) };
+            self.d[g * per..(g + 1) * per].fill(d);
+            for (h, q16) in q.chunks_exact(16).enumerate() {
+                let s: i32 = q16.iter().map(|&v| v as i32).sum();
+                self.bsum[g * group / 16 + h] = s as f32;
             }
         }
     }
 
-    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+    pub fn quantize(x: &[f32], rows: usize, k: usize, group: usize) -> Self {
         let mut a = QuantizedActs::default();
-        a.quantize_into(x, rows, k);
+        a.quantize_into(x, rows, k, group);
         a
     }
 

@@ -1,7 +1,9 @@
 //! AVX2 + FMA + F16C kernels: one weight row against R activation rows, each format's chunk
 //! unpacked once into 32 bytes in registers and multiplied with every activation row
-//! (`maddubs` u8 × i8 → i16 pairs, `madd` with the sub-block scales → i32, one FMA per chunk
-//! and row). The integers are the ones `blocks.rs` defines; unsigned codes (every format but
+//! (`maddubs` u8 × i8 → i16 pairs, `madd` with the sub-block scales → i32). The 32-weight
+//! formats convert to float once per chunk and row (both sides have a scale per 32); the
+//! 256-weight formats sum a whole super-block in integers, since their activations share one
+//! scale per 256 (q8_K-style), and convert once per super-block and row. The integers are the ones `blocks.rs` defines; unsigned codes (every format but
 //! q8_0 and the iq4 code book) take their offset or minimum through the activation's 16-value
 //! sums, signed ones use the sign trick (|w| · sign(x, w)).
 //!
@@ -119,6 +121,55 @@ unsafe fn offset<const R: usize>(
     }
 }
 
+/// Integer accumulation inside a super-block: isum[r] += Σ sc·u·q over the chunk (the k-quants'
+/// activations share one scale per 256 values, so a super-block converts to float once).
+#[inline(always)]
+unsafe fn imac<const R: usize, const SIGNED: bool>(
+    u: __m256i,
+    sc: __m256i,
+    chunk: usize,
+    acts: &[ActRow; R],
+    isum: &mut [__m256i; R],
+) {
+    let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
+    for r in 0..R {
+        let x = _mm256_loadu_si256(acts[r].qs.as_ptr().add(chunk * 32) as *const __m256i);
+        let x = if SIGNED { _mm256_sign_epi8(x, u) } else { x };
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), sc));
+    }
+}
+
+/// End of super-block `bi`: acc[r] += d · dx[r] · isum[r]; corr[r] += dx[r] · Σ_i coef[i] ·
+/// bsum[r][16·bi + i] (the offset or minimum term of each 16-weight sub-block).
+#[inline(always)]
+unsafe fn flush<const R: usize>(
+    d: f32,
+    coef: Option<&[f32; 16]>,
+    bi: usize,
+    acts: &[ActRow; R],
+    isum: &[__m256i; R],
+    acc: &mut [__m256; R],
+    corr: &mut [f32; R],
+) {
+    for r in 0..R {
+        let a = &acts[r];
+        let dx = *a.d.get_unchecked(bi * 8);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+        if let Some(c) = coef {
+            let b = a.bsum.as_ptr().add(bi * 16);
+            let s = _mm256_fmadd_ps(
+                _mm256_loadu_ps(c.as_ptr()),
+                _mm256_loadu_ps(b),
+                _mm256_mul_ps(
+                    _mm256_loadu_ps(c.as_ptr().add(8)),
+                    _mm256_loadu_ps(b.add(8)),
+                ),
+            );
+            corr[r] += dx * hsum(s);
+        }
+    }
+}
+
 /// One weight row (`w`: whole blocks of `format`) · R activation rows.
 ///
 /// # Safety
@@ -185,14 +236,21 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr() as *const __m128i));
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
-                let d = f16(p);
                 let sh = u16::from_le_bytes([*p.add(2), *p.add(3)]) as i32;
+                let mut isum = [_mm256_setzero_si256(); R];
                 for c in 0..8 {
                     let sl = (*p.add(4 + c / 2) >> (4 * (c % 2))) & 0xF;
                     let ls = sl as i32 | (((sh >> (2 * c)) & 3) << 4);
                     let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(8 + 16 * c)));
-                    mac::<R, true>(u, ones, d * (ls - 32) as f32, bi * 8 + c, acts, &mut acc);
+                    imac::<R, true>(
+                        u,
+                        _mm256_set1_epi16((ls - 32) as i16),
+                        bi * 8 + c,
+                        acts,
+                        &mut isum,
+                    );
                 }
+                flush(f16(p), None, bi, acts, &isum, &mut acc, &mut corr);
             }
         }
         Format::Q4K | Format::Q5K => {
@@ -208,6 +266,8 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                 } else {
                     _mm256_setzero_si256()
                 };
+                let mut coef = [0f32; 16];
+                let mut isum = [_mm256_setzero_si256(); R];
                 for g in 0..4 {
                     let q = _mm256_loadu_si256(qs.add(32 * g) as *const __m256i);
                     for half in 0..2 {
@@ -217,11 +277,18 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                             u = _mm256_or_si256(u, bit_of_bytes(qh, c, 16));
                         }
                         let (sc, m) = scale_min_k4(c, scales);
-                        mac::<R, false>(u, ones, d * sc as f32, bi * 8 + c, acts, &mut acc);
-                        let cm = -dmin * m as f32;
-                        offset(cm, cm, bi * 8 + c, acts, &mut corr);
+                        imac::<R, false>(
+                            u,
+                            _mm256_set1_epi16(sc as i16),
+                            bi * 8 + c,
+                            acts,
+                            &mut isum,
+                        );
+                        coef[2 * c] = -dmin * m as f32;
+                        coef[2 * c + 1] = coef[2 * c];
                     }
                 }
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
             }
         }
         Format::Q6K => {
@@ -229,6 +296,8 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let d = f16(p.add(208));
+                let mut coef = [0f32; 16];
+                let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
                     let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
@@ -238,19 +307,15 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         let low = _mm256_and_si256(if t < 2 { ql } else { srl16(ql, 4) }, low4);
                         let high = _mm256_and_si256(srl16(qh, 2 * t), low2);
                         let u = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-                        let s0 = *p.add(192 + 8 * n + 2 * t) as i8 as i32;
-                        let s1 = *p.add(192 + 8 * n + 2 * t + 1) as i8 as i32;
-                        let c = bi * 8 + 4 * n + t;
-                        mac::<R, false>(u, halves(s0, s1), d, c, acts, &mut acc);
-                        offset(
-                            -32.0 * d * s0 as f32,
-                            -32.0 * d * s1 as f32,
-                            c,
-                            acts,
-                            &mut corr,
-                        );
+                        let c = 4 * n + t;
+                        let s0 = *p.add(192 + 2 * c) as i8 as i32;
+                        let s1 = *p.add(192 + 2 * c + 1) as i8 as i32;
+                        imac::<R, false>(u, halves(s0, s1), bi * 8 + c, acts, &mut isum);
+                        coef[2 * c] = -32.0 * d * s0 as f32;
+                        coef[2 * c + 1] = -32.0 * d * s1 as f32;
                     }
                 }
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
             }
         }
         Format::Q2K => {
@@ -258,29 +323,26 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let (d, dmin) = (f16(p.add(80)), f16(p.add(82)));
+                let mut coef = [0f32; 16];
+                let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let q = _mm256_loadu_si256(p.add(16 + 32 * n) as *const __m256i);
                     for t in 0..4 {
+                        let c = 4 * n + t;
                         let u = _mm256_and_si256(srl16(q, 2 * t), low2);
-                        let (s0, s1) = (*p.add(8 * n + 2 * t), *p.add(8 * n + 2 * t + 1));
-                        let c = bi * 8 + 4 * n + t;
-                        mac::<R, false>(
+                        let (s0, s1) = (*p.add(2 * c), *p.add(2 * c + 1));
+                        imac::<R, false>(
                             u,
                             halves((s0 & 0xF) as i32, (s1 & 0xF) as i32),
-                            d,
-                            c,
+                            bi * 8 + c,
                             acts,
-                            &mut acc,
+                            &mut isum,
                         );
-                        offset(
-                            -dmin * (s0 >> 4) as f32,
-                            -dmin * (s1 >> 4) as f32,
-                            c,
-                            acts,
-                            &mut corr,
-                        );
+                        coef[2 * c] = -dmin * (s0 >> 4) as f32;
+                        coef[2 * c + 1] = -dmin * (s1 >> 4) as f32;
                     }
                 }
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
             }
         }
         Format::Q3K => {
@@ -290,6 +352,8 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                 let d = f16(p.add(108));
                 let scales = q3k_scales(std::slice::from_raw_parts(p.add(96), 12));
                 let hm = _mm256_loadu_si256(p as *const __m256i);
+                let mut coef = [0f32; 16];
+                let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let q = _mm256_loadu_si256(p.add(32 + 32 * n) as *const __m256i);
                     for t in 0..4 {
@@ -297,16 +361,12 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         let low = _mm256_and_si256(srl16(q, 2 * t), low2);
                         let u = _mm256_or_si256(low, bit_of_bytes(hm, c, 4));
                         let (s0, s1) = (scales[2 * c] as i32, scales[2 * c + 1] as i32);
-                        mac::<R, false>(u, halves(s0, s1), d, bi * 8 + c, acts, &mut acc);
-                        offset(
-                            -4.0 * d * s0 as f32,
-                            -4.0 * d * s1 as f32,
-                            bi * 8 + c,
-                            acts,
-                            &mut corr,
-                        );
+                        imac::<R, false>(u, halves(s0, s1), bi * 8 + c, acts, &mut isum);
+                        coef[2 * c] = -4.0 * d * s0 as f32;
+                        coef[2 * c + 1] = -4.0 * d * s1 as f32;
                     }
                 }
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
             }
         }
     }

@@ -62,6 +62,12 @@ impl Format {
         }
     }
 
+    /// The activation scale group its kernel wants (see `activation.rs`): 256 for the formats
+    /// with 256-weight super-blocks, else 32.
+    pub const fn act_group(self) -> usize {
+        self.block_elems()
+    }
+
     /// ggml's type id (`GGML_TYPE_*`, as GGUF files store it).
     pub const fn ggml_type(self) -> u32 {
         match self {

@@ -195,7 +195,18 @@ impl QMatrix {
     /// The whole matrix as f32 [rows, cols].
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        dequantize(self.format, self.bytes.as_slice(), &mut out);
+        let dst = SharedOut(out.as_mut_ptr());
+        let cols = self.cols;
+        // Rows split over the pool (prefill expands each weight once per call).
+        for_chunks(self.rows, self.rows * cols, |rows: std::ops::Range<usize>| {
+            // SAFETY: each chunk writes its own rows.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(dst.at(rows.start * cols), rows.len() * cols)
+            };
+            let rb = self.row_bytes();
+            let bytes = &self.bytes.as_slice()[rows.start * rb..rows.end * rb];
+            dequantize(self.format, bytes, out);
+        });
         out
     }
 
@@ -211,7 +222,7 @@ impl QMatrix {
     /// y [m, rows] = x [m, cols] · Wᵀ with the best kernel.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut acts = QuantizedActs::default();
-        acts.quantize_into(x, m, self.cols);
+        acts.quantize_into(x, m, self.cols, self.format.act_group());
         let mut y = vec![0f32; m * self.rows];
         self.matmul_acts(Kernel::best(), &acts, &mut y);
         y
@@ -223,6 +234,13 @@ impl QMatrix {
     /// [`ROW_TILE`] activation rows passes over the chunk's weight rows, which stay in cache.
     pub fn matmul_acts(&self, kernel: Kernel, acts: &QuantizedActs, y: &mut [f32]) {
         assert_eq!(acts.k, self.cols, "activation width vs matrix columns");
+        assert_eq!(
+            acts.group,
+            self.format.act_group(),
+            "{} wants activation groups of {}",
+            self.format,
+            self.format.act_group()
+        );
         let (m, n) = (acts.rows, self.rows);
         assert_eq!(y.len(), m * n, "output length");
         let dst = SharedOut(y.as_mut_ptr());
