@@ -102,8 +102,11 @@ def main():
         print("| model | weights | pp new / previous Fathom | tg new / previous Fathom |")
         print("|---|---|---|---|")
         for name, fmt, b, rep, roof in rows:
-            print(f"| {name} | {fmt} | {b['fpp']:.1f} / {b['bpp']:.1f} = **{b['fpp'] / max(b['bpp'], 1e-9):.2f}×** | "
-                  f"{b['ftg']:.1f} / {b['btg']:.1f} = **{b['ftg'] / max(b['btg'], 1e-9):.2f}×** |")
+            if not b["bpp"]:
+                print(f"| {name} | {fmt} | {b['fpp']:.1f} / — (the previous binary cannot load it) | {b['ftg']:.1f} / — |")
+                continue
+            print(f"| {name} | {fmt} | {b['fpp']:.1f} / {b['bpp']:.1f} = **{b['fpp'] / b['bpp']:.2f}×** | "
+                  f"{b['ftg']:.1f} / {b['btg']:.1f} = **{b['ftg'] / b['btg']:.2f}×** |")
         print()
     if a.depth:
         print(f"| model | weights | tg{a.tg} at depth {a.depth}: llama.cpp | Fathom | ratio |")

@@ -22,7 +22,11 @@ fn reference(name: &str) -> Reference {
     let text = std::fs::read_to_string(fixture(&format!("gguf_formats/{name}.json"))).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let nums = |k: &str| -> Vec<f64> {
-        v[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
     };
     Reference {
         logits: nums("logits").into_iter().map(|x| x as f32).collect(),
@@ -42,7 +46,10 @@ fn argmax(v: &[f32]) -> u32 {
 /// Last prompt position's logits and `steps` greedy tokens through the latent cache.
 fn run(model: &CausalLm, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
     let mut cache = model.new_cache();
-    let ids = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&ids, 0, Some(&mut cache)).unwrap();
     let last: Vec<f32> = logits
         .squeeze(0)
@@ -111,7 +118,11 @@ fn every_format_matches_llama_cpp_on_its_own_file() {
         let (logits, greedy) = run(&model, &r.prompt, r.greedy.len());
         let engines = max_diff(&logits, &r.logits);
         let format_error = max_diff(&r.logits, &r.f32_logits);
-        let agree = greedy.iter().zip(&r.greedy).take_while(|(a, b)| a == b).count();
+        let agree = greedy
+            .iter()
+            .zip(&r.greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
         report.push(format!(
             "{name} (experts as {}): max |Δlogit| Fathom vs llama.cpp {engines:.4}, llama.cpp {name} vs f32 {format_error:.4} (ratio {:.2}); greedy identical for {agree}/{} tokens",
             q.format(),

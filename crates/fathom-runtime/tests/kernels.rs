@@ -13,6 +13,16 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// A format's fixture blocks and llama.cpp's dequantisation of them.
+fn reference_blocks(format: Format) -> (Vec<u8>, Vec<f32>) {
+    let bytes = fixture(&format!("{}.blocks", format.name()));
+    let want = fixture(&format!("{}.f32", format.name()))
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (bytes, want)
+}
+
 /// A tiny deterministic generator (tests need no rand crate).
 struct Lcg(u64);
 impl Lcg {
@@ -51,11 +61,7 @@ fn random_blocks(format: Format, blocks: usize, rng: &mut Lcg) -> Vec<u8> {
 #[test]
 fn dequantisation_equals_llama_cpps_reference() {
     for format in Format::ALL {
-        let bytes = fixture(&format!("{}.blocks", format.name()));
-        let want: Vec<f32> = fixture(&format!("{}.f32", format.name()))
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let (bytes, want) = reference_blocks(format);
         let mut got = vec![0f32; want.len()];
         dequantize(format, &bytes, &mut got);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -200,11 +206,7 @@ fn one_row_kernel_agrees_with_the_chunk_definition() {
     // each format, so a bug shared by `decode_chunk` and `dequantize` would still show here
     // against the fixture values.
     for format in Format::ALL {
-        let bytes = fixture(&format!("{}.blocks", format.name()));
-        let want: Vec<f32> = fixture(&format!("{}.f32", format.name()))
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let (bytes, want) = reference_blocks(format);
         let be = format.block_elems();
         let block = &bytes[..format.block_bytes()];
         // Activation = one-hot of weight i (q = 127, d = 1/127): the dot product is weight i.

@@ -79,7 +79,11 @@ impl QuantizedActs {
         let per = group / 32;
         let groups = x.chunks_exact(group).zip(self.qs.chunks_exact_mut(group));
         for (g, (src, q)) in groups.enumerate() {
-            let d = if group == 32 { quantize_q8_0(src, q) } else { quantize_q8_k(src, q) };
+            let d = if group == 32 {
+                quantize_q8_0(src, q)
+            } else {
+                quantize_q8_k(src, q)
+            };
             self.d[g * per..(g + 1) * per].fill(d);
             for (h, q16) in q.chunks_exact(16).enumerate() {
                 let s: i32 = q16.iter().map(|&v| v as i32).sum();

@@ -198,15 +198,19 @@ impl QMatrix {
         let dst = SharedOut(out.as_mut_ptr());
         let cols = self.cols;
         // Rows split over the pool (prefill expands each weight once per call).
-        for_chunks(self.rows, self.rows * cols, |rows: std::ops::Range<usize>| {
-            // SAFETY: each chunk writes its own rows.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(dst.at(rows.start * cols), rows.len() * cols)
-            };
-            let rb = self.row_bytes();
-            let bytes = &self.bytes.as_slice()[rows.start * rb..rows.end * rb];
-            dequantize(self.format, bytes, out);
-        });
+        for_chunks(
+            self.rows,
+            self.rows * cols,
+            |rows: std::ops::Range<usize>| {
+                // SAFETY: each chunk writes its own rows.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(dst.at(rows.start * cols), rows.len() * cols)
+                };
+                let rb = self.row_bytes();
+                let bytes = &self.bytes.as_slice()[rows.start * rb..rows.end * rb];
+                dequantize(self.format, bytes, out);
+            },
+        );
         out
     }
 
