@@ -146,33 +146,14 @@ pub struct ModelConfig {
     pub weights: WeightPlan,
 }
 
-/// A block-quantised tensor as a file stores it: ggml's type id, the row-major shape, and its
-/// bytes — a range of `owner`, which is the memory-mapped file itself when the tensor is used
-/// where it lies (zero-copy), or a buffer when the layout had to be rewritten.
-#[derive(Clone)]
+/// A block-quantised tensor as a file stores it: its format, row-major shape and bytes — a range
+/// of the memory-mapped file itself when the tensor is used where it lies (zero-copy), or a
+/// buffer when the layout had to be rewritten.
+#[derive(Debug, Clone)]
 pub struct StoredBlocks {
-    pub ggml_type: u32,
+    pub format: fathom_runtime::Format,
     pub dims: Vec<usize>,
-    pub owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>,
-    pub range: std::ops::Range<usize>,
-}
-
-impl StoredBlocks {
-    pub fn bytes(&self) -> &[u8] {
-        &(*self.owner).as_ref()[self.range.clone()]
-    }
-}
-
-impl std::fmt::Debug for StoredBlocks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "StoredBlocks(type {}, {:?}, {} bytes)",
-            self.ggml_type,
-            self.dims,
-            self.range.len()
-        )
-    }
+    pub bytes: fathom_runtime::WeightBytes,
 }
 
 /// Block-quantised weights as a file stores them (GGUF), handed to projections unchanged.

@@ -26,6 +26,7 @@ use crate::gguf_header::{read_header, Header, StoredType};
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
+use fathom_runtime::WeightBytes;
 use memmap2::Mmap;
 use serde_json::{json, Value};
 use std::borrow::Cow;
@@ -163,8 +164,8 @@ impl GgufCheckpoint {
         }
     }
 
-    /// (format, row-major dims, bytes) of a stored tensor, bounds-checked.
-    fn raw(&self, name: &str) -> Result<(StoredType, Vec<usize>, &[u8])> {
+    /// (format, row-major dims, byte range in the file) of a stored tensor, bounds-checked.
+    fn raw(&self, name: &str) -> Result<(StoredType, Vec<usize>, std::ops::Range<usize>)> {
         let info = self
             .header
             .tensors
@@ -196,26 +197,26 @@ impl GgufCheckpoint {
                 ),
             ));
         }
-        Ok((info.ty, dims, &self.mmap[start..start + size]))
+        Ok((info.ty, dims, start..start + size))
     }
 
     /// The tensor a single-tensor source names, in its stored format (experts sliced, Llama rows
     /// unpermuted), with its range in the file when it is one (`None`: rewritten). `KvB` is two
     /// tensors and is joined by `load_f32` instead.
     fn slice(&self, src: &Source) -> Result<Slice<'_>> {
+        let mapped = |ty, dims, range: std::ops::Range<usize>| Slice {
+            ty,
+            dims,
+            bytes: Cow::Borrowed(&self.mmap[range.clone()]),
+            at: Some(range),
+        };
         match src {
             Source::Tensor(n) => {
-                let (ty, dims, bytes) = self.raw(n)?;
-                let start = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
-                Ok(Slice {
-                    ty,
-                    dims,
-                    bytes: Cow::Borrowed(bytes),
-                    at: Some(start),
-                })
+                let (ty, dims, range) = self.raw(n)?;
+                Ok(mapped(ty, dims, range))
             }
             Source::Expert(n, e) => {
-                let (ty, dims, bytes) = self.raw(n)?;
+                let (ty, dims, range) = self.raw(n)?;
                 if dims.len() != 3 || *e >= dims[0] {
                     return Err(self.err(
                         n,
@@ -224,15 +225,9 @@ impl GgufCheckpoint {
                         ),
                     ));
                 }
-                let per = bytes.len() / dims[0];
-                let part = &bytes[e * per..(e + 1) * per];
-                let start = part.as_ptr() as usize - self.mmap.as_ptr() as usize;
-                Ok(Slice {
-                    ty,
-                    dims: dims[1..].to_vec(),
-                    bytes: Cow::Borrowed(part),
-                    at: Some(start),
-                })
+                let per = range.len() / dims[0];
+                let start = range.start + e * per;
+                Ok(mapped(ty, dims[1..].to_vec(), start..start + per))
             }
             Source::Unpermute(n, heads) => self.unpermute(n, *heads),
             Source::KvB { k_b, .. } => Err(self.err(k_b, "kv_b_proj is two tensors, not one")),
@@ -242,7 +237,8 @@ impl GgufCheckpoint {
     /// Undo convert_hf_to_gguf's `permute`: rows (head, pair, half) were reordered to
     /// (head, half, pair); whole rows move, so quantised blocks stay intact.
     fn unpermute(&self, name: &str, heads: usize) -> Result<Slice<'_>> {
-        let (ty, dims, bytes) = self.raw(name)?;
+        let (ty, dims, range) = self.raw(name)?;
+        let bytes = &self.mmap[range];
         if dims.len() != 2 || heads == 0 || dims[0] % (2 * heads) != 0 {
             return Err(self.err(
                 name,
@@ -272,21 +268,23 @@ impl GgufCheckpoint {
         })
     }
 
-    /// A source in its stored blocks: a range of the mapped file for whole tensors and experts
-    /// (zero-copy), a rewritten buffer for Llama's unpermuted rows.
-    fn stored_blocks(&self, src: &Source) -> Result<StoredBlocks> {
+    /// A source in its stored blocks (`None` when stored as floats): a range of the mapped file
+    /// for whole tensors and experts (zero-copy), a rewritten buffer for Llama's unpermuted rows.
+    fn stored_blocks(&self, src: &Source) -> Result<Option<StoredBlocks>> {
         let s = self.slice(src)?;
-        let len = s.bytes.len();
-        let (owner, range): (std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>, _) = match s.at {
-            Some(start) => (self.mmap.clone(), start..start + len),
-            None => (std::sync::Arc::new(s.bytes.into_owned()), 0..len),
+        let StoredType::Block(format) = s.ty else {
+            return Ok(None);
         };
-        Ok(StoredBlocks {
-            ggml_type: s.ty.ggml_type(),
+        let bytes = match s.at {
+            Some(range) => WeightBytes::shared(self.mmap.clone(), range)
+                .expect("raw() checked the range against the file"),
+            None => WeightBytes::owned(s.bytes.into_owned()),
+        };
+        Ok(Some(StoredBlocks {
+            format,
             dims: s.dims,
-            owner,
-            range,
-        })
+            bytes,
+        }))
     }
 
     fn meta(&self, key: &str) -> Option<&GValue> {
@@ -631,13 +629,7 @@ impl GgufCheckpoint {
                 let rows = joined.dim(1)?;
                 Ok(joined.reshape((h * rows, r))?.contiguous()?)
             }
-            other => {
-                let name = match &other {
-                    Source::Tensor(n) | Source::Expert(n, _) | Source::Unpermute(n, _) => n.clone(),
-                    Source::KvB { .. } => unreachable!("matched above"),
-                };
-                self.slice(&other)?.to_f32(self, &name)
-            }
+            other => self.slice(&other)?.to_f32(self, hf),
         }
     }
 
@@ -647,12 +639,12 @@ impl GgufCheckpoint {
     }
 }
 
-/// A tensor's stored bytes, borrowed from the map (`at`: their offset in the file) or rewritten.
+/// A tensor's stored bytes, borrowed from the map (`at`: their range in the file) or rewritten.
 struct Slice<'a> {
     ty: StoredType,
     dims: Vec<usize>,
     bytes: Cow<'a, [u8]>,
-    at: Option<usize>,
+    at: Option<std::ops::Range<usize>>,
 }
 
 impl Slice<'_> {
@@ -689,24 +681,15 @@ impl Slice<'_> {
     }
 }
 
-fn is_block_format(d: StoredType) -> bool {
-    matches!(d, StoredType::Block(_))
-}
-
 impl QuantizedSource for GgufCheckpoint {
     fn quantized(&self, hf: &str) -> Result<Option<StoredBlocks>> {
         let Some(src) = self.source(hf).filter(|s| self.present(s)) else {
             return Ok(None);
         };
-        let name = match &src {
-            Source::Tensor(n) | Source::Expert(n, _) | Source::Unpermute(n, _) => n,
-            Source::KvB { .. } => return Ok(None),
-        };
-        let (dtype, _, _) = self.raw(name)?;
-        if !is_block_format(dtype) {
+        if matches!(src, Source::KvB { .. }) {
             return Ok(None);
         }
-        self.stored_blocks(&src).map(Some)
+        self.stored_blocks(&src)
     }
 }
 

@@ -17,7 +17,8 @@ use fathom_runtime::{Format, QMatrix, WeightBytes};
 /// f32 GEMM (prefill). Measured (`cargo run --release -p fathom-runtime --example
 /// qmatmul_bench`, [2048×768]·512 on 2 threads): the runtime's int8 GEMM runs 19–30 GMAC/s
 /// where dequantise + f32 GEMM runs 40–49, so prefill keeps the expansion until the int8 GEMM
-/// streams repacked weights; below it the int8 kernels win by 6–70× (no expansion at all).
+/// streams repacked weights; below it the int8 kernels win (1.3–42× the pooled expansion at one
+/// row, most formats 10–24×: no expansion at all).
 pub const DEQUANTIZE_FROM_ROWS: usize = 32;
 
 #[derive(Debug, Clone)]
@@ -96,14 +97,8 @@ fn stored_matrix(name: &str, b: StoredBlocks, out: usize, inp: usize) -> Result<
             b.dims
         );
     }
-    let Some(format) = Format::from_ggml_type(b.ggml_type) else {
-        candle_core::bail!("tensor `{name}`: ggml type {} has no kernel", b.ggml_type);
-    };
-    let bytes = WeightBytes::shared(b.owner, b.range).ok_or_else(|| {
-        candle_core::Error::Msg(format!("tensor `{name}`: data outside its file"))
-    })?;
-    QMatrix::new(format, out, inp, bytes)
-        .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}` ({format}): {e}")))
+    QMatrix::new(b.format, out, inp, b.bytes)
+        .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}` ({}): {e}", b.format)))
 }
 
 impl Linear {

@@ -85,6 +85,20 @@ unsafe fn srl16(v: __m256i, n: usize) -> __m256i {
     _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
 }
 
+/// Σ sc·u·q over a chunk of activation row `a`, as eight i32 lanes (`au` = |u| when signed).
+#[inline(always)]
+unsafe fn chunk_product<const SIGNED: bool>(
+    u: __m256i,
+    au: __m256i,
+    sc: __m256i,
+    chunk: usize,
+    a: &ActRow,
+) -> __m256i {
+    let x = _mm256_loadu_si256(a.qs.as_ptr().add(chunk * 32) as *const __m256i);
+    let x = if SIGNED { _mm256_sign_epi8(x, u) } else { x };
+    _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), sc)
+}
+
 /// acc[r] += dw · dx[r] · Σ sc·u·q over the chunk.
 #[inline(always)]
 unsafe fn mac<const R: usize, const SIGNED: bool>(
@@ -97,9 +111,7 @@ unsafe fn mac<const R: usize, const SIGNED: bool>(
 ) {
     let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
     for r in 0..R {
-        let x = _mm256_loadu_si256(acts[r].qs.as_ptr().add(chunk * 32) as *const __m256i);
-        let x = if SIGNED { _mm256_sign_epi8(x, u) } else { x };
-        let s = _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), sc);
+        let s = chunk_product::<SIGNED>(u, au, sc, chunk, &acts[r]);
         let f = dw * *acts[r].d.get_unchecked(chunk);
         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s), acc[r]);
     }
@@ -133,9 +145,7 @@ unsafe fn imac<const R: usize, const SIGNED: bool>(
 ) {
     let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
     for r in 0..R {
-        let x = _mm256_loadu_si256(acts[r].qs.as_ptr().add(chunk * 32) as *const __m256i);
-        let x = if SIGNED { _mm256_sign_epi8(x, u) } else { x };
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), sc));
+        isum[r] = _mm256_add_epi32(isum[r], chunk_product::<SIGNED>(u, au, sc, chunk, &acts[r]));
     }
 }
 

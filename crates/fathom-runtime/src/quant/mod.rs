@@ -89,20 +89,21 @@ impl Kernel {
         Kernel::Portable
     }
 
-    fn dot_row<const R: usize>(self, f: Format, w: &[u8], acts: &[ActRow; R]) -> [f32; R] {
+    /// One weight row `w` against activation rows r0..r0 + R.
+    fn dot_tile<const R: usize>(
+        self,
+        f: Format,
+        w: &[u8],
+        acts: &QuantizedActs,
+        r0: usize,
+    ) -> [f32; R] {
+        let rows: [ActRow; R] = std::array::from_fn(|i| acts.row(r0 + i));
         match self {
-            Kernel::Portable => portable::dot_row(f, w, acts),
-            // SAFETY: `Avx2` is only chosen (by `best`) or accepted (by `QMatrix::matmul_with`)
-            // when the CPU has the features; activation rows cover the row width (checked by
-            // the caller).
+            Kernel::Portable => portable::dot_row(f, w, &rows),
+            // SAFETY: `matmul_acts` checked that the CPU has the features; activation rows
+            // cover the row width (it checked `acts.k` against the matrix columns).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => {
-                assert!(
-                    avx2::supported(),
-                    "AVX2 kernel asked for on a CPU without AVX2"
-                );
-                unsafe { avx2::dot_row(f, w, acts) }
-            }
+            Kernel::Avx2 => unsafe { avx2::dot_row(f, w, &rows) },
         }
     }
 }
@@ -238,6 +239,11 @@ impl QMatrix {
     /// [`ROW_TILE`] activation rows passes over the chunk's weight rows, which stay in cache.
     pub fn matmul_acts(&self, kernel: Kernel, acts: &QuantizedActs, y: &mut [f32]) {
         assert_eq!(acts.k, self.cols, "activation width vs matrix columns");
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            kernel != Kernel::Avx2 || avx2::supported(),
+            "AVX2 kernel asked for on a CPU without AVX2"
+        );
         assert_eq!(
             acts.group,
             self.format.act_group(),
@@ -260,45 +266,18 @@ impl QMatrix {
                     let count = ROW_TILE.min(m - r0);
                     for wr in rows.clone() {
                         let w = self.row(wr);
-                        let put = |i: usize, v: f32| {
-                            // SAFETY: (r0 + i, wr) is written by this unit only.
-                            unsafe { *dst.at((r0 + i) * n + wr) = v };
+                        let put = |out: &[f32]| {
+                            for (i, &v) in out.iter().enumerate() {
+                                // SAFETY: (r0 + i, wr) is written by this unit only.
+                                unsafe { *dst.at((r0 + i) * n + wr) = v };
+                            }
                         };
+                        let f = self.format;
                         match count {
-                            1 => {
-                                let o = kernel.dot_row::<1>(self.format, w, &[acts.row(r0)]);
-                                put(0, o[0]);
-                            }
-                            2 => {
-                                let a = [acts.row(r0), acts.row(r0 + 1)];
-                                for (i, v) in kernel
-                                    .dot_row::<2>(self.format, w, &a)
-                                    .into_iter()
-                                    .enumerate()
-                                {
-                                    put(i, v);
-                                }
-                            }
-                            3 => {
-                                let a = [acts.row(r0), acts.row(r0 + 1), acts.row(r0 + 2)];
-                                for (i, v) in kernel
-                                    .dot_row::<3>(self.format, w, &a)
-                                    .into_iter()
-                                    .enumerate()
-                                {
-                                    put(i, v);
-                                }
-                            }
-                            _ => {
-                                let a = std::array::from_fn(|i| acts.row(r0 + i));
-                                for (i, v) in kernel
-                                    .dot_row::<4>(self.format, w, &a)
-                                    .into_iter()
-                                    .enumerate()
-                                {
-                                    put(i, v);
-                                }
-                            }
+                            1 => put(&kernel.dot_tile::<1>(f, w, acts, r0)),
+                            2 => put(&kernel.dot_tile::<2>(f, w, acts, r0)),
+                            3 => put(&kernel.dot_tile::<3>(f, w, acts, r0)),
+                            _ => put(&kernel.dot_tile::<4>(f, w, acts, r0)),
                         }
                     }
                     r0 += count;
