@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Skip the MTP speculative decoding measurement (run by default for models with MTP modules).
     #[arg(long)]
     no_spec: bool,
+    /// Decode through the plain candle path instead of the runtime's planned step (the step
+    /// before it, for side-by-side numbers; sets FATHOM_PLANNED_DECODE=0).
+    #[arg(long)]
+    unplanned: bool,
     /// Tokens the MTP module drafts per step in the speculative measurement.
     #[arg(long, default_value_t = fathom_engine::DEFAULT_DRAFT_TOKENS)]
     draft_tokens: usize,
@@ -219,16 +223,33 @@ fn timed_decode(
     start: usize,
     n: usize,
 ) -> Result<f64> {
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .0 as u32
+    };
     let t0 = Instant::now();
     for i in 0..n {
-        let tok = Tensor::new(&[[next]], &Device::Cpu)?;
-        let logits = model.forward(&tok, start + i, Some(cache))?;
-        next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        // The runtime's planned step where it applies (the engine decodes so), else the plain
+        // candle path.
+        next = match model.decode_planned(next, start + i, cache)? {
+            Some(logits) => argmax(&logits),
+            None => {
+                let tok = Tensor::new(&[[next]], &Device::Cpu)?;
+                let logits = model.forward(&tok, start + i, Some(cache))?;
+                logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?
+            }
+        };
     }
     Ok(t0.elapsed().as_secs_f64())
 }
 
 pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
+    if a.unplanned {
+        // Read once, when the model first decodes (below): no model code has run yet.
+        std::env::set_var("FATHOM_PLANNED_DECODE", "0");
+    }
     let t_load = Instant::now();
     let mut model = CausalLm::load_quantized(&dir, DType::F32, &Device::Cpu, a.quant)?;
     crate::limit_draft_modules(&mut model, a.draft_modules)?;
@@ -357,6 +378,9 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
     let peak_rss = peak_rss_bytes();
     let bandwidth = read_bandwidth_gb_s(threads);
     let roofline = bandwidth * 1e9 / weight_bytes as f64;
+    // MLA's plain (expanded) cache is not the plan's: it decodes through candle.
+    let planned = model.decode_plan().is_some() && !(a.plain_cache && model.cfg.mla.is_some());
+    let decode_path = if planned { "planned" } else { "plain" };
     let report = json!({
         "model": dir.display().to_string(),
         "architecture": model.cfg.arch.model_type(),
@@ -365,6 +389,7 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         "quant": model.weight_format(),
         "threads": threads,
         "cache": if a.plain_cache || model.cfg.mla.is_none() { "plain" } else { "latent" },
+        "decode_path": decode_path,
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
         "prefill_tok_s": best_pp,
@@ -395,13 +420,14 @@ pub fn cmd_bench(a: BenchArgs, dir: PathBuf) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} ({} params, {} active), {} threads, {} cache, {} weights",
+            "{} ({} params, {} active), {} threads, {} cache, {} weights, {} decode",
             dir.display(),
             total,
             active,
             threads,
             report["cache"].as_str().unwrap_or(""),
-            report["quant"].as_str().unwrap_or("")
+            report["quant"].as_str().unwrap_or(""),
+            decode_path
         );
         println!("pp{:<5} {:>10.1} tok/s", a.prompt_tokens, best_pp);
         println!(

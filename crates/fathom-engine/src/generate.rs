@@ -248,6 +248,21 @@ fn forward_rows(
     model.forward_packed_hidden(ids, &segment, &mut [cache])
 }
 
+/// Logits of one token at `pos`: the runtime's planned step where it applies, else the plain
+/// path (both append to `cache`).
+fn decode_one(
+    model: &CausalLm,
+    cache: &mut KvCache,
+    token: u32,
+    pos: usize,
+) -> candle_core::Result<Vec<f32>> {
+    if let Some(logits) = model.decode_planned(token, pos, cache)? {
+        return Ok(logits);
+    }
+    let h = forward_rows(model, cache, &[token], pos)?;
+    Ok(row_logits(model, &h)?.remove(0))
+}
+
 fn row_logits(model: &CausalLm, hidden: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
     model.logits(hidden)?.to_dtype(DType::F32)?.to_vec2()
 }
@@ -314,8 +329,8 @@ pub fn generate(
             let room = (ctx - 1 - pos).min(opts.max_tokens - em.out.len());
             let k = opts.draft_tokens.min(room);
             let (Some(d), true) = (drafter.as_mut(), k > 0) else {
-                let h = forward_rows(model, &mut cache, &[next], pos)?;
-                next = sampler.sample(&row_logits(model, &h)?[0], &em.history, output_start);
+                let logits = decode_one(model, &mut cache, next, pos)?;
+                next = sampler.sample(&logits, &em.history, output_start);
                 continue;
             };
             pending_next.push(next);

@@ -86,6 +86,11 @@ impl GqaAttention {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
 
+    /// (heads, kv_heads, head_dim).
+    pub fn shape(&self) -> (usize, usize, usize) {
+        (self.heads, self.kv_heads, self.head_dim)
+    }
+
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, kvh, d, hid) = (
             cfg.num_attention_heads,

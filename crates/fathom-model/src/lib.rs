@@ -7,6 +7,8 @@
 //! - [`cache`] plain and MLA latent KV caches · [`ops`] differentiable softmax/sigmoid/linear/cross-entropy
 //! - [`linear`] dense or block-quantised projections (the quantised products run in
 //!   `fathom-runtime`) · [`quantize`] checkpoint → quantised GGUF
+//! - [`planned`] the model described to the runtime's planned decode step (tested against the
+//!   plain path)
 //!
 //! Every op is composed from candle primitives that have a backward pass (see `tests/gradients.rs`).
 
@@ -23,12 +25,11 @@ pub mod mtp;
 pub mod norm;
 pub mod ops;
 pub mod packed_attention;
+pub mod planned;
 pub mod quantize;
 pub mod rope;
-pub mod rows_matmul;
 
 pub use cache::{CachedRows, KvCache, Segment};
-/// Host kernels split over candle's thread pool (moved to the runtime; re-exported for the
-/// kernels still here).
-pub use fathom_runtime::parallel;
+/// Host kernels (moved to the runtime; re-exported for the kernels still here).
+pub use fathom_runtime::{parallel, rows_matmul};
 pub use model::{param_counts, CausalLm, ForwardOutput};

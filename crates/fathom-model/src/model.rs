@@ -11,6 +11,7 @@ use crate::rope::Rope;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use fathom_core::{FathomError, ModelConfig, WeightStore};
+use fathom_runtime::decode::DecodePlan;
 use std::path::Path;
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct CausalLm {
     pub mtp: Vec<MtpModule>,
     pub device: Device,
     pub dtype: DType,
+    /// The planned decode step, made on first use ([`CausalLm::decode_plan`]).
+    planned: std::sync::OnceLock<Option<std::sync::Arc<DecodePlan>>>,
 }
 
 /// Output of a forward pass with the extras training and speculative decoding need.
@@ -107,6 +110,7 @@ impl CausalLm {
             mtp,
             device,
             dtype,
+            planned: Default::default(),
         })
     }
 
@@ -269,6 +273,49 @@ impl CausalLm {
     /// The plain cache (full k and v per head): the reference the latent cache is tested against.
     pub fn new_plain_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// The runtime's planned single-sequence decode step for this model ([`crate::planned`]),
+    /// made on first use from the weights as they are then; `None` where it does not apply
+    /// (not f32 on the CPU, trained variables) or when the environment sets
+    /// `FATHOM_PLANNED_DECODE=0` (the plain path, for side-by-side measurements).
+    pub fn decode_plan(&self) -> Option<&DecodePlan> {
+        self.planned
+            .get_or_init(|| {
+                if std::env::var("FATHOM_PLANNED_DECODE").is_ok_and(|v| v == "0") {
+                    return None;
+                }
+                crate::planned::describe(self)
+                    .and_then(DecodePlan::new)
+                    .ok()
+                    .map(std::sync::Arc::new)
+            })
+            .as_deref()
+    }
+
+    /// Logits [vocab] of `token` at position `pos` through the planned step, appending its
+    /// rows to `cache`; `Ok(None)` when the plan does not apply to this model or cache (the
+    /// caller runs the plain path: the latent cache for MLA, the grouped one otherwise).
+    pub fn decode_planned(
+        &self,
+        token: u32,
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Option<Vec<f32>>> {
+        let Some(plan) = self.decode_plan() else {
+            return Ok(None);
+        };
+        let latent = self.cfg.mla.is_some();
+        if cache.layers.len() != self.layers.len()
+            || cache.layers.iter().any(|c| c.latent_mode != latent)
+        {
+            return Ok(None);
+        }
+        let grouped = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let mut store = crate::planned::PlanCache { cache, grouped };
+        plan.step(token, pos, &mut store)
+            .map(Some)
+            .map_err(candle_core::Error::Msg)
     }
 
     /// Token embeddings for ids [b, s].

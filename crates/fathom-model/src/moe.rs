@@ -82,6 +82,41 @@ pub fn select_experts(choice: &[f64], cfg: &MoeConfig) -> Vec<usize> {
     top_k(&masked, cfg.num_experts_per_tok)
 }
 
+/// The whole rule for one token on host floats (the planned decode step's router): scores from
+/// the gate logits (f32, as `route_tokens` computes them), selection by [`select_experts`] on
+/// s (+ bias), weights = unbiased s at the chosen experts, normalised and scaled in f32.
+/// Returns (expert, weight) in selection order.
+pub fn route_row(cfg: &MoeConfig, bias: Option<&[f32]>, logits: &[f32]) -> Vec<(usize, f32)> {
+    let scores: Vec<f32> = match cfg.scoring_func {
+        ScoringFunc::Sigmoid => logits.iter().map(|&u| 1.0 / ((-u).exp() + 1.0)).collect(),
+        ScoringFunc::Softmax => {
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let e: Vec<f32> = logits.iter().map(|&v| (v - max).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            e.iter().map(|&v| v / sum).collect()
+        }
+    };
+    let choice: Vec<f64> = match bias {
+        Some(b) => scores
+            .iter()
+            .zip(b)
+            .map(|(&s, &b)| s as f64 + b as f64)
+            .collect(),
+        None => scores.iter().map(|&s| s as f64).collect(),
+    };
+    let chosen = select_experts(&choice, cfg);
+    let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+    if cfg.norm_topk_prob {
+        let sum = w.iter().sum::<f32>() + 1e-20;
+        w.iter_mut().for_each(|v| *v /= sum);
+    }
+    let scale = cfg.routed_scaling_factor as f32;
+    chosen
+        .into_iter()
+        .zip(w.into_iter().map(|v| v * scale))
+        .collect()
+}
+
 impl Gate {
     pub fn load(vb: VarBuilder, hidden: usize, cfg: &MoeConfig) -> Result<Self> {
         let weight = vb.get_with_hints(
@@ -107,7 +142,12 @@ impl Gate {
 
     /// Decide experts and weights for x [n, d].
     pub fn route_tokens(&self, x: &Tensor) -> Result<Routing> {
-        let logits = linear(x, &self.weight, None)?; // [n, E]
+        // [n, E]; few inference rows through the host kernel the planned decode step's router
+        // uses too, so both paths route a token identically (a near-tie flipped otherwise).
+        let logits = match crate::rows_matmul::matmul_rows(x, &self.weight)? {
+            Some(l) => l,
+            None => linear(x, &self.weight, None)?,
+        };
         let scores = match self.cfg.scoring_func {
             ScoringFunc::Softmax => softmax_last(&logits)?,
             ScoringFunc::Sigmoid => sigmoid(&logits)?,

@@ -144,6 +144,11 @@ impl Rope {
         })
     }
 
+    /// The cos and sin tables [max_positions, dim/2] (attention factor included).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn max_positions(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
     }

@@ -224,6 +224,25 @@ impl QMatrix {
         out
     }
 
+    /// out[i] = W[rows.start + i] · (activation row 0): one thread's share of a matrix in a
+    /// planned decode step (`crate::decode`), serially, weight row by weight row.
+    pub fn dot_rows(
+        &self,
+        kernel: Kernel,
+        acts: &QuantizedActs,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        assert_eq!(acts.k, self.cols, "activation width vs matrix columns");
+        assert_eq!(acts.group, self.format.act_group(), "activation group");
+        assert!(acts.rows >= 1 && rows.end <= self.rows && out.len() == rows.len());
+        #[cfg(target_arch = "x86_64")]
+        assert!(kernel != Kernel::Avx2 || avx2::supported());
+        for (o, r) in out.iter_mut().zip(rows) {
+            *o = kernel.dot_tile::<1>(self.format, self.row(r), acts, 0)[0];
+        }
+    }
+
     /// y [m, rows] = x [m, cols] · Wᵀ with the best kernel.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut acts = QuantizedActs::default();

@@ -6,7 +6,7 @@
 //! put ~30 % of its time in gemm's driver. Here each group of four weight rows (contiguous in
 //! W [n, k]) is read once and multiplied with every row of x while it sits in L1: the weight
 //! traffic is paid once per step, whatever the batch. Inference only: no backward is recorded, so
-//! [`Linear`](crate::linear::Linear) uses it only for tensors that do not track gradients.
+//! `fathom-model`'s `Linear` uses it only for tensors that do not track gradients.
 //!
 //! The inner products run 8 lanes wide with fused multiply-adds when the CPU has AVX2 and FMA
 //! (runtime-detected), else in portable Rust; f32 sums in a different order than `gemm`'s, so
@@ -20,7 +20,7 @@ use candle_core::{DType, Result, Tensor};
 /// longer prefill chunks go to the GEMM.
 pub const MAX_ROWS: usize = 64;
 
-pub(crate) fn avx2_fma() -> bool {
+pub fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -77,10 +77,25 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     dot8::<false>(a, b)
 }
 
-/// acc += w · x (axpy) for the attention output sums.
+/// acc += w · x (axpy) for the attention output sums: 8-lane FMAs where the CPU has AVX2 and
+/// FMA (each element rounds once, as `mul_add`), else separate multiply and add.
 pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at runtime).
+        unsafe { axpy_avx2(acc, w, x) };
+        return;
+    }
     for (a, &v) in acc.iter_mut().zip(x) {
         *a += w * v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(acc: &mut [f32], w: f32, x: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = w.mul_add(v, *a);
     }
 }
 
@@ -113,7 +128,7 @@ unsafe fn rows_times_wt(
 /// The sum of a vector's eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -396,6 +411,16 @@ pub fn rows_times_weight(x: &[f32], rows: usize, w: &Tensor) -> Option<Vec<f32>>
     Some(y)
 }
 
+/// out[j] = W[j]·x for the `out.len()` rows of `w` ([n, x.len()] row-major), serially, by the
+/// kernel path [`rows_times_weight`] takes (so bit for bit its result when the rows start at a
+/// multiple of 8): a planned decode step's share of a dense matrix.
+pub fn matvec(x: &[f32], w: &[f32], out: &mut [f32]) {
+    let (n, k) = (out.len(), x.len());
+    assert!(w.len() >= n * k, "matvec: {} weights for {n}×{k}", w.len());
+    // SAFETY: `out` holds n floats and is borrowed mutably here.
+    unsafe { rows_times_wt_into(x, 1, &w[..n * k], n, k, SharedOut(out.as_mut_ptr()), n) }
+}
+
 /// y [rows, n] = x [rows, k] · W[n, k]ᵀ into `out` + r·ld + j, by the AVX2 kernel when the CPU has
 /// AVX2 and FMA (checked at runtime), else the portable one.
 ///
@@ -464,7 +489,7 @@ mod tests {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let got = matmul_rows(&x, &w).unwrap().expect("kernel applies");
-                let want = crate::ops::linear(&x, &w, None).unwrap();
+                let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
                 let diff = (got - want)
                     .unwrap()
                     .abs()
