@@ -117,6 +117,24 @@ fn f32_plan_matches_the_plain_path_on_every_architecture() {
     }
 }
 
+/// Past one chunk of MLA's split attention (128 positions) and past YaRN's original context
+/// (this fixture's is 128): several chunks merged, on the latent cache.
+#[test]
+fn long_context_plan_matches_the_plain_path() {
+    for name in ["deepseek_v3_tiny", "qwen2_tiny"] {
+        let model = CausalLm::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let v = model.cfg.vocab_size as u32;
+        let prompt: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % v).collect();
+        let (worst, same) = compare(&model, &prompt, 4);
+        eprintln!("{name} at 300: worst |Δ|/max {worst:.2e}, greedy {same}/4");
+        assert!(
+            worst < 1e-4,
+            "{name}: planned logits off by {worst:e} of the largest"
+        );
+        assert_eq!(same, 4, "{name}: greedy tokens differ");
+    }
+}
+
 #[test]
 fn quantised_plan_matches_the_plain_path_in_every_gguf_format() {
     for name in [

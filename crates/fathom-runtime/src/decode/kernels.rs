@@ -115,6 +115,104 @@ pub fn mla_head(
     }
 }
 
+/// Positions per unit of MLA's split attention ([`mla_chunk`]): a chunk's c_kv rows (128 × rank
+/// floats, 128 KiB at rank 256) stay in L2 between the score pass and the weighted sum.
+pub const MLA_CHUNK: usize = 128;
+
+/// q_lat = W_UKᵀ q_nope for one head (`w_uk` its [nope, rank] rows of kv_b_proj).
+pub fn absorb_query(q_nope: &[f32], w_uk: &[f32], q_lat: &mut [f32]) {
+    let r = q_lat.len();
+    q_lat.fill(0.0);
+    for (i, &q) in q_nope.iter().enumerate() {
+        axpy(q_lat, q, &w_uk[i * r..(i + 1) * r]);
+    }
+}
+
+/// One chunk of cached positions for every head at once (flash-decoding): each c_kv row is read
+/// once for all heads, not once per head. For head h, `partial[h]` = (m, l, o[rank]) with
+/// m = max scaled score, l = Σ e^{s−m}, o = Σ e^{s−m} c_kv (merged by [`mla_merge`]).
+/// `q_lat` [heads, rank], `q_pe` [heads, rope] (roped); `c_kv` [n, rank], `k_pe` [n, rope].
+#[allow(clippy::too_many_arguments)]
+pub fn mla_chunk(
+    d: MlaDims,
+    heads: usize,
+    q_lat: &[f32],
+    q_pe: &[f32],
+    c_kv: &[f32],
+    k_pe: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    partial: &mut [f32],
+) {
+    let (r, n) = (d.rank, c_kv.len() / d.rank);
+    scores.clear();
+    scores.resize(heads * n, 0.0);
+    for p in 0..n {
+        let (c, kp) = (
+            &c_kv[p * r..(p + 1) * r],
+            &k_pe[p * d.rope..(p + 1) * d.rope],
+        );
+        for h in 0..heads {
+            scores[h * n + p] = (dot(&q_lat[h * r..(h + 1) * r], c)
+                + dot(&q_pe[h * d.rope..(h + 1) * d.rope], kp))
+                * scale;
+        }
+    }
+    for h in 0..heads {
+        let s = &mut scores[h * n..(h + 1) * n];
+        let m = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        let mut l = 0f32;
+        for v in s.iter_mut() {
+            *v = (*v - m).exp();
+            l += *v;
+        }
+        let out = &mut partial[h * (2 + r)..(h + 1) * (2 + r)];
+        out[0] = m;
+        out[1] = l;
+        out[2..].fill(0.0);
+    }
+    for p in 0..n {
+        let c = &c_kv[p * r..(p + 1) * r];
+        for h in 0..heads {
+            let w = scores[h * n + p];
+            axpy(&mut partial[h * (2 + r) + 2..(h + 1) * (2 + r)], w, c);
+        }
+    }
+}
+
+/// Head h's attention output from the chunks' partial states ([`mla_chunk`]):
+/// o_lat = Σ_c e^{m_c−M} o_c / Σ_c e^{m_c−M} l_c, then out = W_UV o_lat (`w_uv` [v, rank]).
+pub fn mla_merge(
+    partials: &[f32],
+    heads: usize,
+    h: usize,
+    w_uv: &[f32],
+    o_lat: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let stride = w_uv.len() / out.len() + 2;
+    let r = stride - 2;
+    let chunks = partials.len() / (heads * stride);
+    let part = |c: usize| &partials[(c * heads + h) * stride..][..stride];
+    let m = (0..chunks).fold(f32::NEG_INFINITY, |a, c| a.max(part(c)[0]));
+    o_lat.clear();
+    o_lat.resize(r, 0.0);
+    let mut l = 0f32;
+    for c in 0..chunks {
+        let pc = part(c);
+        let f = (pc[0] - m).exp();
+        l += f * pc[1];
+        axpy(o_lat, f, &pc[2..]);
+    }
+    let inv = 1.0 / l;
+    for v in o_lat.iter_mut() {
+        *v *= inv;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot(&w_uv[j * r..(j + 1) * r], o_lat);
+    }
+}
+
 /// One query head of grouped-query attention: sₜ = q·kₜ, p = softmax(s/√d), o = Σₜ pₜ vₜ over
 /// its kv head's `k`, `v` [t, d].
 pub fn gqa_head(q: &[f32], k: &[f32], v: &[f32], t: usize, sc: &mut HeadScratch, out: &mut [f32]) {
@@ -142,6 +240,80 @@ mod tests {
         let mut b = [1.0, 3.0, 2.0, 4.0]; // pairs (1,2), (3,4) as halves
         rope(&mut b, &cos, &sin, RopeLayout::Halves);
         assert_eq!(b, [0.6 - 1.6, 3.0, 0.8 + 1.2, 4.0]);
+    }
+
+    #[test]
+    fn chunked_heads_equal_one_head_at_a_time() {
+        let d = MlaDims {
+            nope: 4,
+            rope: 2,
+            v: 3,
+            rank: 8,
+        };
+        let (heads, t) = (3, 2 * MLA_CHUNK + 17);
+        let f = |i: usize, s: f32| ((i as f32) * s).sin();
+        let w: Vec<f32> = (0..heads * (d.nope + d.v) * d.rank)
+            .map(|i| f(i, 0.37))
+            .collect();
+        let c: Vec<f32> = (0..t * d.rank).map(|i| f(i, 0.53)).collect();
+        let kpe: Vec<f32> = (0..t * d.rope).map(|i| f(i, 0.71)).collect();
+        let q: Vec<f32> = (0..heads * (d.nope + d.rope)).map(|i| f(i, 1.3)).collect();
+        let block = (d.nope + d.v) * d.rank;
+        let mut q_lat = vec![0f32; heads * d.rank];
+        let mut q_pe = vec![0f32; heads * d.rope];
+        for h in 0..heads {
+            let qh = &q[h * (d.nope + d.rope)..][..d.nope + d.rope];
+            absorb_query(
+                &qh[..d.nope],
+                &w[h * block..][..d.nope * d.rank],
+                &mut q_lat[h * d.rank..][..d.rank],
+            );
+            q_pe[h * d.rope..][..d.rope].copy_from_slice(&qh[d.nope..]);
+        }
+        let chunks = t.div_ceil(MLA_CHUNK);
+        let mut partials = vec![0f32; chunks * heads * (2 + d.rank)];
+        let mut scores = Vec::new();
+        for ch in 0..chunks {
+            let p = ch * MLA_CHUNK..((ch + 1) * MLA_CHUNK).min(t);
+            mla_chunk(
+                d,
+                heads,
+                &q_lat,
+                &q_pe,
+                &c[p.start * d.rank..p.end * d.rank],
+                &kpe[p.start * d.rope..p.end * d.rope],
+                0.3,
+                &mut scores,
+                &mut partials[ch * heads * (2 + d.rank)..][..heads * (2 + d.rank)],
+            );
+        }
+        for h in 0..heads {
+            let mut want = vec![0f32; d.v];
+            let qh = &q[h * (d.nope + d.rope)..][..d.nope + d.rope];
+            mla_head(
+                d,
+                qh,
+                &w[h * block..][..block],
+                &c,
+                &kpe,
+                t,
+                0.3,
+                &mut HeadScratch::default(),
+                &mut want,
+            );
+            let mut got = vec![0f32; d.v];
+            mla_merge(
+                &partials,
+                heads,
+                h,
+                &w[h * block + d.nope * d.rank..][..d.v * d.rank],
+                &mut Vec::new(),
+                &mut got,
+            );
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "head {h}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

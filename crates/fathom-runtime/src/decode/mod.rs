@@ -307,6 +307,11 @@ struct Scratch {
     /// The rows this step appends to the cache.
     cache_a: Buf,
     cache_b: Buf,
+    /// MLA: absorbed queries [heads, rank], roped q_pe [heads, rope], and the chunks' partial
+    /// softmax states (resized between regions as the context grows).
+    q_lat: Buf,
+    q_pe: Buf,
+    partials: Slot<Buf>,
     /// Attention output [heads · d_v] before o_proj.
     attn: Vector,
     /// A projection's output [hidden] before the residual add.
@@ -383,6 +388,7 @@ impl DecodePlan {
         let vocab = model.lm_head.w.rows();
         let (mut q_len, mut qa_len, mut kv_len, mut v_len, mut attn_len) = (0, 0, 0, 0, 0);
         let (mut act_len, mut slots, mut experts) = (0, 1, 0);
+        let (mut lat_len, mut pe_len) = (0, 0);
         let mut groups = Vec::new();
         let half = model.rope.cos.cols();
         if model.rope.sin.cols() != half || model.rope.sin.rows() != model.rope.cos.rows() {
@@ -431,6 +437,8 @@ impl DecodePlan {
                     check(&m.o, hidden, m.heads * d.v, &name("o_proj"))?;
                     g.attn = with_groups(g.attn, &[&m.o]);
                     q_len = q_len.max(qk);
+                    lat_len = lat_len.max(m.heads * d.rank);
+                    pe_len = pe_len.max(m.heads * d.rope);
                     kv_len = kv_len.max(d.rank + d.rope);
                     attn_len = attn_len.max(m.heads * d.v);
                 }
@@ -501,6 +509,9 @@ impl DecodePlan {
             v: Buf::new(v_len),
             cache_a: Buf::new(kv_len),
             cache_b: Buf::new(kv_len.max(v_len)),
+            q_lat: Buf::new(lat_len),
+            q_pe: Buf::new(pe_len),
+            partials: Slot::new(Buf::new(0)),
             attn: Vector::new(attn_len),
             tmp: Buf::new(hidden),
             act: (0..slots).map(|_| Vector::new(act_len)).collect(),
@@ -575,6 +586,13 @@ impl DecodePlan {
             store.append(l, a, b)?;
             if store.len(l) != pos + 1 {
                 return Err(format!("layer {l}: the cache did not take the step's row"));
+            }
+            if let Attention::Mla(a) = &m.layers[l].attn {
+                let need = (pos + 1).div_ceil(kernels::MLA_CHUNK) * a.heads * (2 + a.dims.rank);
+                // SAFETY: no region runs.
+                if unsafe { s.partials.get() }.len() < need {
+                    unsafe { *s.partials.get_mut() = Buf::new(need.next_power_of_two()) };
+                }
             }
             let mut result = Ok(());
             store.with_layer(l, &mut |kv| {
@@ -703,30 +721,57 @@ impl DecodePlan {
         match (&layer.attn, kv) {
             (Attention::Mla(m), LayerKv::Latent { c_kv, k_pe }) => {
                 let d = m.dims;
-                let qk = d.nope + d.rope;
+                let (qk, h_n, r) = (d.nope + d.rope, m.heads, d.rank);
+                let block = (d.nope + d.v) * r;
+                let stride = 2 + r;
+                let chunks = t.div_ceil(kernels::MLA_CHUNK);
+                // SAFETY: sized for this t before the region (`step`).
+                let partials = unsafe { s.partials.get() };
                 m.kv_b.with(|w| {
-                    mb.share(m.heads, 1, |heads| {
+                    // Absorb each head's query: q_lat = W_UKᵀ q_nope, q_pe roped.
+                    mb.share(h_n, 1, |heads| {
                         for h in heads {
-                            let mut q = std::mem::take(&mut sc.q_rope);
-                            q.clear();
-                            q.extend_from_slice(unsafe { &s.q.read(m.heads * qk)[h * qk..][..qk] });
-                            self.rope_at(pos, |c, sn| {
-                                kernels::rope(&mut q[d.nope..], c, sn, layout)
-                            });
-                            let w_h = &w[h * (d.nope + d.v) * d.rank..][..(d.nope + d.v) * d.rank];
-                            let out = unsafe { s.attn.f.part(h * d.v..(h + 1) * d.v) };
-                            kernels::mla_head(
+                            let qh = unsafe { &s.q.read(h_n * qk)[h * qk..][..qk] };
+                            let q_pe = unsafe { s.q_pe.part(h * d.rope..(h + 1) * d.rope) };
+                            q_pe.copy_from_slice(&qh[d.nope..]);
+                            self.rope_at(pos, |c, sn| kernels::rope(q_pe, c, sn, layout));
+                            let q_lat = unsafe { s.q_lat.part(h * r..(h + 1) * r) };
+                            kernels::absorb_query(
+                                &qh[..d.nope],
+                                &w[h * block..][..d.nope * r],
+                                q_lat,
+                            );
+                        }
+                    });
+                    mb.barrier();
+                    // Cached positions in chunks, all heads per chunk (each c_kv row read once).
+                    mb.share(chunks, 1, |cs| {
+                        for ch in cs {
+                            let p = ch * kernels::MLA_CHUNK..((ch + 1) * kernels::MLA_CHUNK).min(t);
+                            let out = unsafe {
+                                partials.part(ch * h_n * stride..(ch + 1) * h_n * stride)
+                            };
+                            kernels::mla_chunk(
                                 d,
-                                &q,
-                                w_h,
-                                &c_kv[..t * d.rank],
-                                &k_pe[..t * d.rope],
-                                t,
+                                h_n,
+                                unsafe { s.q_lat.read(h_n * r) },
+                                unsafe { s.q_pe.read(h_n * d.rope) },
+                                &c_kv[p.start * r..p.end * r],
+                                &k_pe[p.start * d.rope..p.end * d.rope],
                                 m.scale,
-                                sc,
+                                &mut sc.scores,
                                 out,
                             );
-                            sc.q_rope = q;
+                        }
+                    });
+                    mb.barrier();
+                    // Merge the chunks per head and apply W_UV.
+                    mb.share(h_n, 1, |heads| {
+                        for h in heads {
+                            let all = unsafe { partials.read(chunks * h_n * stride) };
+                            let w_uv = &w[h * block + d.nope * r..][..d.v * r];
+                            let out = unsafe { s.attn.f.part(h * d.v..(h + 1) * d.v) };
+                            kernels::mla_merge(all, h_n, h, w_uv, &mut sc.o_lat, out);
                         }
                     });
                 });
