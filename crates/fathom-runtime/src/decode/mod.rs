@@ -8,7 +8,10 @@
 //! - RMSNorm and the activation quantisation (llama.cpp's q8_0 / q8_K rules) on one thread;
 //! - the projections that read the same input (MLA's q / kv_a; GQA's q, k, v) shared out as one
 //!   step, weight rows in ~16 KiB units;
-//! - MLA's absorbed attention over the latent cache, one head per unit ([`kernels::mla_head`]);
+//! - MLA's absorbed attention over the latent cache split over cached positions: chunks of
+//!   positions for all heads at once, then each head's merge ([`kernels::mla_chunk`],
+//!   [`kernels::mla_merge`]; [`kernels::mla_head`] is the one-head reference they are tested
+//!   against);
 //! - the selected experts' gate and up rows with SiLU·mul in one pass, their down-projections
 //!   and the shared expert's summed in place per output row.
 //!
