@@ -2,7 +2,7 @@
 //! RMSNorm, rotary embedding at one position, the softmax of one query's scores, MLA's absorbed
 //! attention for one head over the latent cache, and GQA attention for one query head.
 
-use crate::rows_matmul::{axpy, dot};
+use crate::rows_matmul::{axpy, dot, matvec};
 
 /// y = x / √(mean(x²) + ε) ⊙ w, summed in order as `fathom-model`'s fused RMSNorm does.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f64, y: &mut [f32]) {
@@ -146,20 +146,19 @@ pub fn mla_chunk(
 ) {
     let (r, n) = (d.rank, c_kv.len() / d.rank);
     scores.clear();
-    scores.resize(heads * n, 0.0);
+    scores.resize(heads * (n + 2), 0.0);
+    let (s, tmp) = scores.split_at_mut(heads * n);
+    let (lat, pe) = tmp.split_at_mut(heads);
     for p in 0..n {
-        let (c, kp) = (
-            &c_kv[p * r..(p + 1) * r],
-            &k_pe[p * d.rope..(p + 1) * d.rope],
-        );
+        // All heads against one cached row at once: the row is loaded once per 8 heads.
+        matvec(&c_kv[p * r..(p + 1) * r], q_lat, lat);
+        matvec(&k_pe[p * d.rope..(p + 1) * d.rope], q_pe, pe);
         for h in 0..heads {
-            scores[h * n + p] = (dot(&q_lat[h * r..(h + 1) * r], c)
-                + dot(&q_pe[h * d.rope..(h + 1) * d.rope], kp))
-                * scale;
+            s[h * n + p] = (lat[h] + pe[h]) * scale;
         }
     }
     for h in 0..heads {
-        let s = &mut scores[h * n..(h + 1) * n];
+        let s = &mut s[h * n..(h + 1) * n];
         let m = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
         let mut l = 0f32;
         for v in s.iter_mut() {
@@ -170,12 +169,49 @@ pub fn mla_chunk(
         out[0] = m;
         out[1] = l;
         out[2..].fill(0.0);
+        weighted_rows(&s[..], c_kv, &mut out[2..]);
     }
-    for p in 0..n {
-        let c = &c_kv[p * r..(p + 1) * r];
-        for h in 0..heads {
-            let w = scores[h * n + p];
-            axpy(&mut partial[h * (2 + r) + 2..(h + 1) * (2 + r)], w, c);
+}
+
+/// o += Σₚ wₚ · rowₚ over the rows of `rows` ([w.len(), o.len()]): o held in registers a block
+/// of 64 floats at a time while the rows stream past (where the CPU has AVX2 and FMA).
+pub fn weighted_rows(w: &[f32], rows: &[f32], o: &mut [f32]) {
+    let r = o.len();
+    #[cfg(target_arch = "x86_64")]
+    if crate::rows_matmul::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA; every access below stays inside o and rows.
+        unsafe { weighted_rows_avx2(w, rows, o) };
+        return;
+    }
+    for (p, &wp) in w.iter().enumerate() {
+        axpy(o, wp, &rows[p * r..(p + 1) * r]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_rows_avx2(w: &[f32], rows: &[f32], o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let r = o.len();
+    assert!(rows.len() >= w.len() * r);
+    let blocks = r / 64;
+    let (op, rp) = (o.as_mut_ptr(), rows.as_ptr());
+    for b in 0..blocks {
+        let mut acc: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(op.add(b * 64 + 8 * i)));
+        for (p, &wp) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(wp);
+            let row = rp.add(p * r + b * 64);
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * i)), *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(b * 64 + 8 * i), *a);
+        }
+    }
+    for (p, &wp) in w.iter().enumerate() {
+        for c in blocks * 64..r {
+            *op.add(c) = wp.mul_add(*rp.add(p * r + c), *op.add(c));
         }
     }
 }
@@ -218,18 +254,37 @@ pub fn mla_merge(
 pub fn gqa_head(q: &[f32], k: &[f32], v: &[f32], t: usize, sc: &mut HeadScratch, out: &mut [f32]) {
     let d = q.len();
     sc.scores.clear();
-    sc.scores
-        .extend((0..t).map(|p| dot(q, &k[p * d..(p + 1) * d])));
+    sc.scores.resize(t, 0.0);
+    // sₜ = kₜ·q for every cached row at once (the rows as a [t, d] matrix times q).
+    matvec(q, &k[..t * d], &mut sc.scores);
     softmax_scaled(&mut sc.scores, 1.0 / (d as f32).sqrt());
     out.fill(0.0);
-    for (p, &w) in sc.scores.iter().enumerate() {
-        axpy(out, w, &v[p * d..(p + 1) * d]);
-    }
+    weighted_rows(&sc.scores, &v[..t * d], out);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_rows_equals_the_axpy_sum() {
+        for r in [8, 64, 200, 256] {
+            let n = 37;
+            let w: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.3).cos()).collect();
+            let rows: Vec<f32> = (0..n * r).map(|i| ((i as f32) * 0.17).sin()).collect();
+            let mut got: Vec<f32> = (0..r).map(|i| i as f32 * 0.01).collect();
+            let mut want = got.clone();
+            weighted_rows(&w, &rows, &mut got);
+            for p in 0..n {
+                for c in 0..r {
+                    want[c] += w[p] * rows[p * r + c];
+                }
+            }
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "r {r}: {a} vs {b}");
+            }
+        }
+    }
 
     #[test]
     fn rope_halves_and_pairs_rotate_the_same_plane() {

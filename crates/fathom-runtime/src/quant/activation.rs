@@ -22,6 +22,7 @@ pub struct QuantizedActs {
 /// llama.cpp's q8_0 activation rule (ggml-cpu's `quantize_row_q8_0`): q = x · 127/max|x| rounded
 /// half to even, d = max|x|/127 kept as f16 — followed exactly, so a product matches llama.cpp's
 /// to the rounding of its sums.
+#[inline(always)]
 fn quantize_q8_0(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -33,6 +34,7 @@ fn quantize_q8_0(x: &[f32], q: &mut [i8]) -> f32 {
 
 /// llama.cpp's q8_K rule (`quantize_row_q8_K_ref`): the value of largest magnitude (first one)
 /// sets iscale = −127/max, q = nearest(iscale · x) (half to even), d = 1/iscale in f32.
+#[inline(always)]
 fn quantize_q8_k(x: &[f32], q: &mut [i8]) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
@@ -50,6 +52,33 @@ fn quantize_q8_k(x: &[f32], q: &mut [i8]) -> f32 {
         *qi = ((iscale * v).round_ties_even() as i32).min(127) as i8;
     }
     1.0 / iscale
+}
+
+/// One group by the rule for its size (32: q8_0, 256: q8_K).
+#[inline(always)]
+fn quantize_group(x: &[f32], q: &mut [i8]) -> f32 {
+    if x.len() == 32 {
+        quantize_q8_0(x, q)
+    } else {
+        quantize_q8_k(x, q)
+    }
+}
+
+/// The same functions compiled for AVX2 (rounding half to even becomes one vector instruction
+/// instead of a library call per value; results are bit-identical).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_group_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+    quantize_group(x, q)
+}
+
+fn quantize_best(x: &[f32], q: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::rows_matmul::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { quantize_group_avx2(x, q) };
+    }
+    quantize_group(x, q)
 }
 
 /// One row's slices.
@@ -79,11 +108,7 @@ impl QuantizedActs {
         let per = group / 32;
         let groups = x.chunks_exact(group).zip(self.qs.chunks_exact_mut(group));
         for (g, (src, q)) in groups.enumerate() {
-            let d = if group == 32 {
-                quantize_q8_0(src, q)
-            } else {
-                quantize_q8_k(src, q)
-            };
+            let d = quantize_best(src, q);
             self.d[g * per..(g + 1) * per].fill(d);
             for (h, q16) in q.chunks_exact(16).enumerate() {
                 let s: i32 = q16.iter().map(|&v| v as i32).sum();
@@ -115,5 +140,37 @@ impl QuantizedActs {
             .enumerate()
             .map(|(i, &q)| q as f32 * row.d[i / 32])
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run-time-selected (AVX2) compilation rounds exactly as the portable one, halves
+    /// included.
+    #[test]
+    fn compiled_variants_quantise_identically() {
+        for n in [32usize, 256] {
+            for seed in 0..50u32 {
+                let mut x: Vec<f32> = (0..n)
+                    .map(|i| {
+                        (((i as u32).wrapping_mul(2654435761) ^ seed.wrapping_mul(40503)) % 2001)
+                            as f32
+                            / 1000.0
+                            - 1.0
+                    })
+                    .collect();
+                // Values on exact halves of the scale: 127/max · x = k + 0.5.
+                x[0] = 1.0;
+                for (i, v) in x.iter_mut().enumerate().skip(1).step_by(7) {
+                    *v = (((i % 100) as f32) + 0.5) / 127.0;
+                }
+                let (mut a, mut b) = (vec![0i8; n], vec![0i8; n]);
+                let da = quantize_group(&x, &mut a);
+                let db = quantize_best(&x, &mut b);
+                assert_eq!((da, &a), (db, &b), "group {n}, seed {seed}");
+            }
+        }
     }
 }

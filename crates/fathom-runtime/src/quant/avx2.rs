@@ -149,8 +149,9 @@ unsafe fn imac<const R: usize, const SIGNED: bool>(
     }
 }
 
-/// End of super-block `bi`: acc[r] += d · dx[r] · isum[r]; corr[r] += dx[r] · Σ_i coef[i] ·
-/// bsum[r][16·bi + i] (the offset or minimum term of each 16-weight sub-block).
+/// End of super-block `bi`: acc[r] += d · dx[r] · isum[r] + dx[r] · Σ_i coef[i] ·
+/// bsum[r][16·bi + i] (the offset or minimum term of each 16-weight sub-block), both kept in the
+/// row's eight float lanes (summed across lanes once per row, not once per super-block).
 #[inline(always)]
 unsafe fn flush<const R: usize>(
     d: f32,
@@ -159,23 +160,25 @@ unsafe fn flush<const R: usize>(
     acts: &[ActRow; R],
     isum: &[__m256i; R],
     acc: &mut [__m256; R],
-    corr: &mut [f32; R],
 ) {
+    let c = coef.map(|c| {
+        (
+            _mm256_loadu_ps(c.as_ptr()),
+            _mm256_loadu_ps(c.as_ptr().add(8)),
+        )
+    });
     for r in 0..R {
         let a = &acts[r];
         let dx = *a.d.get_unchecked(bi * 8);
         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
-        if let Some(c) = coef {
+        if let Some((c0, c1)) = c {
             let b = a.bsum.as_ptr().add(bi * 16);
             let s = _mm256_fmadd_ps(
-                _mm256_loadu_ps(c.as_ptr()),
+                c0,
                 _mm256_loadu_ps(b),
-                _mm256_mul_ps(
-                    _mm256_loadu_ps(c.as_ptr().add(8)),
-                    _mm256_loadu_ps(b.add(8)),
-                ),
+                _mm256_mul_ps(c1, _mm256_loadu_ps(b.add(8))),
             );
-            corr[r] += dx * hsum(s);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx), s, acc[r]);
         }
     }
 }
@@ -262,7 +265,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         &mut isum,
                     );
                 }
-                flush(f16(p), None, bi, acts, &isum, &mut acc, &mut corr);
+                flush(f16(p), None, bi, acts, &isum, &mut acc);
             }
         }
         Format::Q4K | Format::Q5K => {
@@ -300,7 +303,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         coef[2 * c + 1] = coef[2 * c];
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
             }
         }
         Format::Q6K => {
@@ -327,7 +330,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         coef[2 * c + 1] = -32.0 * d * s1 as f32;
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
             }
         }
         Format::Q2K => {
@@ -354,7 +357,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         coef[2 * c + 1] = -dmin * (s1 >> 4) as f32;
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
             }
         }
         Format::Q3K => {
@@ -378,7 +381,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         coef[2 * c + 1] = -4.0 * d * s1 as f32;
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc, &mut corr);
+                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
             }
         }
     }
