@@ -655,25 +655,56 @@ impl<'m> Loop<'m> {
             rows.extend((ids.len() - read..ids.len()).map(|r| r as u32));
             members.push((i, n, read));
         }
-        // Disjoint &mut caches in the batch's order.
-        let hidden = {
-            let mut slots: Vec<Option<&mut KvCache>> = self
-                .running
-                .iter_mut()
-                .map(|s| Some(&mut s.cache))
-                .collect();
-            let mut caches: Vec<&mut KvCache> = members
-                .iter()
-                .map(|&(i, _, _)| slots[i].take().expect("each sequence once"))
-                .collect();
-            self.model
-                .forward_packed_hidden(&ids, &segments, &mut caches)?
+        // One sequence decoding one row without a drafter: the runtime's planned step (the
+        // packed path otherwise; its hidden states feed the drafter).
+        let lone = match members.as_slice() {
+            [(i, 1, 1)] => {
+                let s = &self.running[*i];
+                !s.prefilling() && s.spec.is_none()
+            }
+            _ => false,
         };
-        let logits = self
-            .model
-            .logits(&hidden.index_select(&Tensor::new(rows.as_slice(), &self.model.device)?, 0)?)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2::<f32>()?;
+        let planned = if lone {
+            let s = &mut self.running[members[0].0];
+            self.model
+                .decode_planned(ids[0], segments[0].offset, &mut s.cache)?
+        } else {
+            None
+        };
+        let (hidden, logits) = match planned {
+            Some(l) => (None, vec![l]),
+            None => {
+                // Disjoint &mut caches in the batch's order.
+                let hidden = {
+                    let mut slots: Vec<Option<&mut KvCache>> = self
+                        .running
+                        .iter_mut()
+                        .map(|s| Some(&mut s.cache))
+                        .collect();
+                    let mut caches: Vec<&mut KvCache> = members
+                        .iter()
+                        .map(|&(i, _, _)| slots[i].take().expect("each sequence once"))
+                        .collect();
+                    self.model
+                        .forward_packed_hidden(&ids, &segments, &mut caches)?
+                };
+                let logits = self
+                    .model
+                    .logits(
+                        &hidden
+                            .index_select(&Tensor::new(rows.as_slice(), &self.model.device)?, 0)?,
+                    )?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec2::<f32>()?;
+                (Some(hidden), logits)
+            }
+        };
+        // Only the packed path's rows reach the drafter (a planned step has no drafter).
+        let hidden = || {
+            hidden
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("no hidden states for the drafter".into()))
+        };
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         let mut finished = vec![];
         let mut row = 0;
@@ -687,7 +718,7 @@ impl<'m> Loop<'m> {
                 s.fed += n;
                 if let Some(st) = &mut s.spec {
                     // Prompt rows wait for the drafter with the token after each, where known.
-                    st.hidden.push(hidden.narrow(0, seg.start, n)?);
+                    st.hidden.push(hidden()?.narrow(0, seg.start, n)?);
                     let end = (seg.offset + n + 1).min(s.req.prompt.len());
                     st.next
                         .extend_from_slice(&s.req.prompt[seg.offset + 1..end]);
@@ -713,7 +744,7 @@ impl<'m> Loop<'m> {
             if drafts.is_empty() {
                 if let Some(st) = &mut s.spec {
                     // A step without drafts (speculation paused): the row waits for the drafter.
-                    st.hidden.push(hidden.narrow(0, seg.start, 1)?);
+                    st.hidden.push(hidden()?.narrow(0, seg.start, 1)?);
                 }
                 s.fed += 1;
                 generated += 1;
@@ -741,7 +772,7 @@ impl<'m> Loop<'m> {
             s.fed += 1 + verdict.accepted;
             s.cache.truncate(s.fed)?;
             if let Some(st) = &mut s.spec {
-                st.hidden = vec![hidden.narrow(0, seg.start, 1 + verdict.accepted)?];
+                st.hidden = vec![hidden()?.narrow(0, seg.start, 1 + verdict.accepted)?];
                 st.next = drafts[..verdict.accepted].iter().map(|d| d.token).collect();
                 st.offset = pos;
             }
