@@ -11,7 +11,7 @@
 //! magnitude (q8_0, iq4), activations ≤ 127: at most 2 · 128 · 127 = 32512 < 32767.
 
 use super::activation::ActRow;
-use super::blocks::{q3k_scales, scale_min_k4, IQ4_VALUES};
+use super::blocks::{q3k_scales, IQ4_VALUES};
 use super::Format;
 use std::arch::x86_64::*;
 
@@ -51,7 +51,7 @@ unsafe fn nibbles16(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0xF))
 }
 
-/// Bit i of `bits` → byte i = 0x10 (q5_0/q5_1's fifth bit).
+/// Bit i of `bits` → byte i = 0xFF (q5_0/q5_1's fifth bit), else 0.
 #[inline(always)]
 unsafe fn fifth_bits(bits: u32) -> __m256i {
     let spread = _mm256_shuffle_epi8(
@@ -64,10 +64,7 @@ unsafe fn fifth_bits(bits: u32) -> __m256i {
         ),
     );
     let set = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    _mm256_and_si256(
-        _mm256_cmpeq_epi8(set, _mm256_set1_epi64x(-1)),
-        _mm256_set1_epi8(0x10),
-    )
+    _mm256_cmpeq_epi8(set, _mm256_set1_epi64x(-1))
 }
 
 /// Byte-wise: `value` where bit `bit` of the byte of `v` is set, else 0.
@@ -155,18 +152,13 @@ unsafe fn imac<const R: usize, const SIGNED: bool>(
 #[inline(always)]
 unsafe fn flush<const R: usize>(
     d: f32,
-    coef: Option<&[f32; 16]>,
+    coef: Option<(__m256, __m256)>,
     bi: usize,
     acts: &[ActRow; R],
     isum: &[__m256i; R],
     acc: &mut [__m256; R],
 ) {
-    let c = coef.map(|c| {
-        (
-            _mm256_loadu_ps(c.as_ptr()),
-            _mm256_loadu_ps(c.as_ptr().add(8)),
-        )
-    });
+    let c = coef;
     for r in 0..R {
         let a = &acts[r];
         let dx = *a.d.get_unchecked(bi * 8);
@@ -180,6 +172,67 @@ unsafe fn flush<const R: usize>(
             );
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx), s, acc[r]);
         }
+    }
+}
+
+/// Sixteen per-sub-block coefficients as two float vectors.
+#[inline(always)]
+unsafe fn load16(c: &[f32; 16]) -> (__m256, __m256) {
+    (
+        _mm256_loadu_ps(c.as_ptr()),
+        _mm256_loadu_ps(c.as_ptr().add(8)),
+    )
+}
+
+/// Q4_K/Q5_K's 12 packed scale bytes → (the eight 6-bit scales as i16 lanes, the eight 6-bit
+/// mins as f32 lanes), `blocks::scale_min_k4` for all chunks at once.
+#[inline(always)]
+unsafe fn scales_mins_k4(p: *const u8) -> (__m128i, __m256) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let w = |i: usize| {
+        u32::from_le_bytes([
+            *p.add(4 * i),
+            *p.add(4 * i + 1),
+            *p.add(4 * i + 2),
+            *p.add(4 * i + 3),
+        ])
+    };
+    let (a, b, c) = (w(0), w(1), w(2));
+    let sc_lo = a & KMASK1;
+    let sc_hi = (c & KMASK2) | (((a >> 6) & KMASK3) << 4);
+    let m_lo = b & KMASK1;
+    let m_hi = ((c >> 4) & KMASK2) | (((b >> 6) & KMASK3) << 4);
+    let sc = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc_hi as i32, sc_lo as i32));
+    let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(
+        0,
+        0,
+        m_hi as i32,
+        m_lo as i32,
+    )));
+    (sc, m)
+}
+
+/// acc[r] += dx[r] · c · Σ_chunk mins[chunk] · (Σq over the chunk's 32 weights), in the row's
+/// float lanes (the minimum term of a Q4_K/Q5_K super-block).
+#[inline(always)]
+unsafe fn min_term<const R: usize>(
+    c: f32,
+    mins: __m256,
+    bi: usize,
+    acts: &[ActRow; R],
+    acc: &mut [__m256; R],
+) {
+    for r in 0..R {
+        let a = &acts[r];
+        let b = a.bsum.as_ptr().add(bi * 16);
+        // Pair sums of the 16-value sums: hadd interleaves 128-bit lanes, the permute restores
+        // chunk order.
+        let pairs = _mm256_hadd_ps(_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+        let pairs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+        let dx = *a.d.get_unchecked(bi * 8);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c * dx), _mm256_mul_ps(mins, pairs), acc[r]);
     }
 }
 
@@ -221,20 +274,30 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                 offset(m, m, bi, acts, &mut corr);
             }
         }
-        Format::Q5_0 | Format::Q5_1 => {
-            let q5_1 = format == Format::Q5_1;
+        Format::Q5_0 => {
+            // Signed weights q − 16 (as ggml does): the nibble with 0xF0 where the fifth bit is
+            // clear, so no offset term per block.
+            let high = _mm256_set1_epi8(0xF0u8 as i8);
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
-                let d = f16(p);
-                let (c, rest) = if q5_1 {
-                    (f16(p.add(2)), p.add(4))
-                } else {
-                    (-16.0 * d, p.add(2))
-                };
-                let qh = u32::from_le_bytes([*rest, *rest.add(1), *rest.add(2), *rest.add(3)]);
-                let u = _mm256_or_si256(nibbles16(rest.add(4)), fifth_bits(qh));
+                let qh = u32::from_le_bytes([*p.add(2), *p.add(3), *p.add(4), *p.add(5)]);
+                let u = _mm256_or_si256(
+                    nibbles16(p.add(6)),
+                    _mm256_andnot_si256(fifth_bits(qh), high),
+                );
+                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+            }
+        }
+        Format::Q5_1 => {
+            let fifth = _mm256_set1_epi8(0x10);
+            for bi in 0..blocks {
+                let p = p0.add(bi * bb);
+                let (d, m) = (f16(p), f16(p.add(2)));
+                let qh = u32::from_le_bytes([*p.add(4), *p.add(5), *p.add(6), *p.add(7)]);
+                let u =
+                    _mm256_or_si256(nibbles16(p.add(8)), _mm256_and_si256(fifth_bits(qh), fifth));
                 mac::<R, false>(u, ones, d, bi, acts, &mut acc);
-                offset(c, c, bi, acts, &mut corr);
+                offset(m, m, bi, acts, &mut corr);
             }
         }
         Format::IQ4NL => {
@@ -274,14 +337,16 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let (d, dmin) = (f16(p), f16(p.add(2)));
-                let scales = std::slice::from_raw_parts(p.add(4), 12);
                 let qs = if q5 { p.add(48) } else { p.add(16) };
                 let qh = if q5 {
                     _mm256_loadu_si256(p.add(16) as *const __m256i)
                 } else {
                     _mm256_setzero_si256()
                 };
-                let mut coef = [0f32; 16];
+                // The eight 6-bit scales and mins unpacked together (as ggml's vec_dot does):
+                // scales as i16 lanes picked per chunk by a shuffle, mins as floats.
+                let (sc16, mins) = scales_mins_k4(p.add(4));
+                let scales = _mm256_broadcastsi128_si256(sc16);
                 let mut isum = [_mm256_setzero_si256(); R];
                 for g in 0..4 {
                     let q = _mm256_loadu_si256(qs.add(32 * g) as *const __m256i);
@@ -291,19 +356,15 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         if q5 {
                             u = _mm256_or_si256(u, bit_of_bytes(qh, c, 16));
                         }
-                        let (sc, m) = scale_min_k4(c, scales);
-                        imac::<R, false>(
-                            u,
-                            _mm256_set1_epi16(sc as i16),
-                            bi * 8 + c,
-                            acts,
-                            &mut isum,
+                        let sc = _mm256_shuffle_epi8(
+                            scales,
+                            _mm256_set1_epi16(0x0100 + 0x0202 * c as i16),
                         );
-                        coef[2 * c] = -dmin * m as f32;
-                        coef[2 * c + 1] = coef[2 * c];
+                        imac::<R, false>(u, sc, bi * 8 + c, acts, &mut isum);
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
+                flush(d, None, bi, acts, &isum, &mut acc);
+                min_term(-dmin, mins, bi, acts, &mut acc);
             }
         }
         Format::Q6K => {
@@ -311,7 +372,17 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let d = f16(p.add(208));
-                let mut coef = [0f32; 16];
+                // The sixteen int8 scales: picked per chunk by a byte shuffle (ggml's
+                // get_scale_shuffle), and as floats for the −32 offset term.
+                let s128 = _mm_loadu_si128(p.add(192) as *const __m128i);
+                let k = _mm256_set1_ps(-32.0 * d);
+                let coef = (
+                    _mm256_mul_ps(k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s128))),
+                    _mm256_mul_ps(
+                        k,
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s128, 8))),
+                    ),
+                );
                 let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
@@ -323,14 +394,15 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         let high = _mm256_and_si256(srl16(qh, 2 * t), low2);
                         let u = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
                         let c = 4 * n + t;
-                        let s0 = *p.add(192 + 2 * c) as i8 as i32;
-                        let s1 = *p.add(192 + 2 * c + 1) as i8 as i32;
-                        imac::<R, false>(u, halves(s0, s1), bi * 8 + c, acts, &mut isum);
-                        coef[2 * c] = -32.0 * d * s0 as f32;
-                        coef[2 * c + 1] = -32.0 * d * s1 as f32;
+                        let pick = _mm_set_epi64x(
+                            (0x0101_0101_0101_0101u64 * (2 * c as u64 + 1)) as i64,
+                            (0x0101_0101_0101_0101u64 * (2 * c as u64)) as i64,
+                        );
+                        let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s128, pick));
+                        imac::<R, false>(u, sc, bi * 8 + c, acts, &mut isum);
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
+                flush(d, Some(coef), bi, acts, &isum, &mut acc);
             }
         }
         Format::Q2K => {
@@ -357,7 +429,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         coef[2 * c + 1] = -dmin * (s1 >> 4) as f32;
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
+                flush(d, Some(load16(&coef)), bi, acts, &isum, &mut acc);
             }
         }
         Format::Q3K => {
@@ -381,7 +453,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         coef[2 * c + 1] = -4.0 * d * s1 as f32;
                     }
                 }
-                flush(d, Some(&coef), bi, acts, &isum, &mut acc);
+                flush(d, Some(load16(&coef)), bi, acts, &isum, &mut acc);
             }
         }
     }
