@@ -83,12 +83,29 @@ fn arch_prefix(layout: Layout) -> &'static str {
     }
 }
 
+/// Whether a GGUF file's pages are faulted in at load (default); `FATHOM_NO_PREFETCH=1` maps
+/// lazily instead (lower RSS when only part of a file is used, slower first tokens).
+fn prefetch_weights() -> bool {
+    !matches!(
+        std::env::var("FATHOM_NO_PREFETCH").as_deref(),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
+}
+
 impl GgufCheckpoint {
     /// Open and validate a `.gguf` file: header, metadata and that every tensor lies inside it.
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| FathomError::io(path, e))?;
+        let mut options = memmap2::MmapOptions::new();
+        if prefetch_weights() {
+            // Fault every page in while loading (MAP_POPULATE, as llama.cpp's mmap prefetch):
+            // a page first touched mid-decode costs a fault, and one the kernel reclaimed from
+            // the page cache in the meantime (proactive reclaim pages out cold *unmapped* file
+            // pages) costs a disk read inside the token's time.
+            options.populate();
+        }
         // SAFETY: read-only map; the file is not expected to change while loaded.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FathomError::io(path, e))?;
+        let mmap = unsafe { options.map(&file) }.map_err(|e| FathomError::io(path, e))?;
         let content = read_header(&mmap).map_err(|e| FathomError::Config {
             file: path.to_path_buf(),
             field: "<gguf header>".into(),
