@@ -20,6 +20,9 @@ Other formats: `llama-quantize runs/bench-models/$m.f16.gguf runs/bench-models/$
 (file names are `{model}.{format in lower case}.gguf`). `--baseline` also runs a previous Fathom
 binary in the same rounds and reports new / previous; `--depth D` adds decode after a D-token
 context (llama-bench `-d D`, Fathom `decode_after_prompt_tok_s` with a D-token prompt).
+The V2-Lite-sized model (10.4 GB, random weights, no torch needed):
+  python tools/bench/make_v2_lite_gguf.py --out runs/bench-models/v2-lite.q4_k_m.gguf
+  python tools/bench/llama_cpp_compare.py --llama-cpp $LLAMA --names v2-lite --formats q4_k_m --pp 64 --tg 16
 """
 
 import argparse

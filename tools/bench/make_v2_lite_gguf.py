@@ -15,7 +15,8 @@ Speed does not depend on what the weights say; the values are kept small and fin
 codes, fixed block scales) so both engines decode without overflow. The tokenizer is the
 400-token GPT-2 vocabulary of fixtures/gguf_formats padded with unused tokens to 102400.
 
-  python tools/bench/make_v2_lite_gguf.py --out /tmp/bm/v2-lite.Q4_K_M.gguf   # ~10.3 GB, ~1 min
+  python tools/bench/make_v2_lite_gguf.py --out runs/bench-models/v2-lite.q4_k_m.gguf   # ~10.4 GB, ~1 min
+(the name tools/bench/llama_cpp_compare.py looks for with --names v2-lite --formats q4_k_m)
 (needs numpy and gguf from PyPI)
 """
 
