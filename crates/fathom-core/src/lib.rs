@@ -13,6 +13,8 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod gguf_header;
+#[rustfmt::skip]
+pub mod pretokenizers;
 pub mod tokenizer;
 pub mod weights;
 

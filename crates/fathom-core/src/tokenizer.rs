@@ -240,22 +240,39 @@ impl TextTokenizer {
         };
         let byte_level = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
         let split = |re: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
-        // Split regexes as llama.cpp's llama-vocab.cpp and the original tokenizer.json files.
-        const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-        const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-        const DEEPSEEK_V3: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
-        let pre_tokenizer = match pre.as_str() {
-            "default" | "gpt-2" => byte_level(true),
-            "qwen2" | "deepseek-r1-qwen" => serde_json::json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
-            "llama-bpe" | "llama3" => serde_json::json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}),
-            "deepseek-v3" => serde_json::json!({"type": "Sequence", "pretokenizers": [
-                split(r"\p{N}{1,3}"), split("[一-龥぀-ゟ゠-ヿ]+"), split(DEEPSEEK_V3), byte_level(false)]}),
-            other => {
-                return Err(bad(format!(
-                    "pre-tokenizer {other:?} is not supported (gpt-2, qwen2, deepseek-r1-qwen, llama-bpe, deepseek-v3); put the model's tokenizer.json beside the file"
-                )))
-            }
+        // The split regexes are llama.cpp's own, name by name (`pretokenizers.rs`, generated from
+        // its llama-vocab.cpp): each splits every piece the previous left, then GPT-2 bytes.
+        let Some(&(_, kind, ignore_merges)) = crate::pretokenizers::NAMES
+            .iter()
+            .find(|(n, _, _)| *n == pre)
+        else {
+            let known: Vec<&str> = crate::pretokenizers::NAMES
+                .iter()
+                .map(|(n, ..)| *n)
+                .collect();
+            return Err(bad(format!(
+                "pre-tokenizer `tokenizer.ggml.pre` = {pre:?} is not one llama.cpp knows ({}); put the model's tokenizer.json beside the file",
+                known.join(", ")
+            )));
         };
+        let spec_of = crate::pretokenizers::TYPES
+            .iter()
+            .find(|t| t.kind == kind)
+            .ok_or_else(|| bad(format!("pre-tokenizer {pre:?} ({kind}) has no split rules")))?;
+        if kind == "KIMI_K2" {
+            // Its one regex only triggers a hand-written splitter in llama.cpp's unicode.cpp.
+            return Err(bad(format!(
+                "pre-tokenizer {pre:?} is split by a hand-written rule in llama.cpp that Fathom does not reproduce yet; put the model's tokenizer.json beside the file"
+            )));
+        }
+        if !spec_of.byte_encode {
+            return Err(bad(format!(
+                "pre-tokenizer {pre:?} ({kind}) is SentencePiece-style BPE on raw UTF-8, not supported from GGUF metadata yet; put the model's tokenizer.json beside the file"
+            )));
+        }
+        let mut steps: Vec<serde_json::Value> = spec_of.regexes.iter().map(|r| split(r)).collect();
+        steps.push(byte_level(false));
+        let pre_tokenizer = serde_json::json!({"type": "Sequence", "pretokenizers": steps});
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
         for (id, tok) in tokens.iter().enumerate() {
@@ -279,11 +296,11 @@ impl TextTokenizer {
             "decoder": byte_level(true),
             "model": {"type": "BPE", "dropout": null, "unk_token": null,
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-                "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+                "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
         });
         let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
             bad(format!(
-                "cannot build the tokenizer from GGUF metadata: {e}"
+                "cannot build the tokenizer from GGUF metadata (pre-tokenizer {pre:?}): {e}"
             ))
         })?;
         let id = |key: &str| meta.get(key).and_then(|v| v.to_u32().ok());
