@@ -14,12 +14,18 @@ use fathom_core::{StoredBlocks, WeightPlan, WeightQuant};
 use fathom_runtime::{Format, QMatrix, WeightBytes};
 
 /// From this many input rows on, a quantised projection expands its weight to f32 and runs the
-/// f32 GEMM (prefill). Measured (`cargo run --release -p fathom-runtime --example
-/// qmatmul_bench`, [2048×768]·512 on 2 threads): the runtime's int8 GEMM runs 19–30 GMAC/s
-/// where dequantise + f32 GEMM runs 40–49, so prefill keeps the expansion until the int8 GEMM
-/// streams repacked weights; below it the int8 kernels win (1.3–42× the pooled expansion at one
-/// row, most formats 10–24×: no expansion at all).
-pub const DEQUANTIZE_FROM_ROWS: usize = 32;
+/// f32 GEMM (long prefills); below it the int8 kernels run on the stored blocks. Measured
+/// (`cargo run --release -p fathom-runtime --example qmatmul_bench -- 2048 2048 M`, 2 threads,
+/// session 16), speed of the int8 GEMM over dequantise + f32 GEMM at M = 64, 128, 256, 512:
+/// q4_K 2.3, 1.48, 0.98, 0.90×; q6_K 3.6, 1.69, 1.16, 0.94×; q8_0 1.8, 1.18, 0.69, 0.83×;
+/// q4_0/q5_0 1.5, 1.0, 0.78, 0.55–0.70×. So the 256-wide k-quants switch at 256 rows, the
+/// 32-wide formats at 128.
+pub fn dequantize_from_rows(format: Format) -> usize {
+    match format {
+        Format::Q2K | Format::Q3K | Format::Q4K | Format::Q5K | Format::Q6K | Format::IQ4XS => 256,
+        _ => 128,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -162,12 +168,12 @@ impl Linear {
     }
 
     /// x Wᵀ for a block-quantised W: the runtime's int8 kernels on the stored blocks below
-    /// [`DEQUANTIZE_FROM_ROWS`] rows (decode, speculative verification, small expert batches);
+    /// [`dequantize_from_rows`] rows (decode, speculative verification, small expert batches);
     /// from there on the weight is expanded to f32 once for the call and the f32 GEMM runs.
     fn forward_quantized(q: &QMatrix, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / k;
-        if rows >= DEQUANTIZE_FROM_ROWS {
+        if rows >= dequantize_from_rows(q.format()) {
             let w = Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), x.device())?;
             return linear(x, &w.to_dtype(x.dtype())?, None);
         }
