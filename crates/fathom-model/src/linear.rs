@@ -18,12 +18,14 @@ use fathom_runtime::{Format, QMatrix, WeightBytes};
 /// (`cargo run --release -p fathom-runtime --example qmatmul_bench -- 2048 2048 M`, 2 threads,
 /// session 16), speed of the int8 GEMM over dequantise + f32 GEMM at M = 64, 128, 256, 512:
 /// q4_K 2.3, 1.48, 0.98, 0.90×; q6_K 3.6, 1.69, 1.16, 0.94×; q8_0 1.8, 1.18, 0.69, 0.83×;
-/// q4_0/q5_0 1.5, 1.0, 0.78, 0.55–0.70×. So the 256-wide k-quants switch at 256 rows, the
-/// 32-wide formats at 128.
+/// q4_0/q5_0 1.5, 1.0, 0.78, 0.55–0.70×. So formats with 256-weight blocks (the k-quants,
+/// iq4_xs) switch at 256 rows, the 32-weight ones at 128; the formats not measured (q2_K, q3_K,
+/// q5_K, q4_1, q5_1, iq4_nl, iq4_xs) follow their block width.
 pub fn dequantize_from_rows(format: Format) -> usize {
-    match format {
-        Format::Q2K | Format::Q3K | Format::Q4K | Format::Q5K | Format::Q6K | Format::IQ4XS => 256,
-        _ => 128,
+    if format.block_elems() == 256 {
+        256
+    } else {
+        128
     }
 }
 

@@ -140,7 +140,7 @@ impl Member<'_> {
         let chunk = chunk.max(1);
         let t = self.team.threads;
         for k in 0..t {
-            // Own block first, then the others' (stealing their tails).
+            // Own block first, then what the others have not yet taken of theirs.
             let b = (self.tid + k) % t;
             let (lo, hi) = (n * b / t, n * (b + 1) / t);
             let cursor = &self.team.cursors[s * t + b];
