@@ -3,7 +3,7 @@
 //! qmatmul_bench -- [N K M]` (weight [N, K], M activation rows; default 2048 768 512).
 
 use candle_core::{Device, Tensor};
-use fathom_runtime::{Format, QMatrix, QuantizedActs, WeightBytes};
+use fathom_runtime::{Format, Kernel, QMatrix, QuantizedActs, WeightBytes};
 use std::time::Instant;
 
 fn main() {
@@ -46,18 +46,34 @@ fn main() {
         };
         let mut acts = QuantizedActs::default();
         let mut y = vec![0f32; m * n];
-        let tq = best(&mut || {
-            acts.quantize_into(&x, m, k, format.act_group());
-            w.matmul_acts(fathom_runtime::Kernel::best(), &acts, &mut y);
-        });
+        let mut int8 = |kernel: Kernel| {
+            best(&mut || {
+                acts.quantize_into(&x, m, k, format.act_group());
+                w.matmul_acts(kernel, &acts, &mut y);
+            })
+        };
+        // Every SIMD kernel the CPU runs, side by side (the last is the one Fathom uses).
+        let simd: Vec<(Kernel, f64)> = Kernel::available()
+            .into_iter()
+            .filter(|k| *k != Kernel::Portable)
+            .map(|k| (k, int8(k)))
+            .collect();
+        let tq = simd.last().map_or_else(|| int8(Kernel::Portable), |s| s.1);
         let tf = best(&mut || {
             let wf = Tensor::from_vec(w.dequantize(), (n, k), &Device::Cpu).unwrap();
             let _ = xt.matmul(&wf.t().unwrap()).unwrap();
         });
         let gmac = (n * k * m) as f64 / 1e9;
+        let tquant = best(&mut || acts.quantize_into(&x, m, k, format.act_group()));
+        let others: String = simd
+            .iter()
+            .rev()
+            .skip(1)
+            .map(|(k, t)| format!(" | {k:?} {:5.1} GMAC/s", gmac / t))
+            .collect();
         println!(
-            "{:7} [{n}×{k}]·{m} rows: int8 {:6.2} ms ({:5.1} GMAC/s) | dequantise + f32 GEMM {:6.2} ms ({:5.1} GMAC/s) | {:.2}×",
-            format.name(), tq * 1e3, gmac / tq, tf * 1e3, gmac / tf, tf / tq
+            "{:7} [{n}×{k}]·{m} rows: int8 {:6.2} ms ({:5.1} GMAC/s) | dequantise + f32 GEMM {:6.2} ms ({:5.1} GMAC/s) | {:.2}× | of it quantising x {:.2} ms{others}",
+            format.name(), tq * 1e3, gmac / tq, tf * 1e3, gmac / tf, tf / tq, tquant * 1e3
         );
     }
 }

@@ -82,25 +82,22 @@ unsafe fn srl16(v: __m256i, n: usize) -> __m256i {
     _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
 }
 
-/// Σ sc·u·q over a chunk of activation row `a`, as eight i32 lanes (`au` = |u| when signed).
+/// Activation row `a`'s chunk, signed by `u` when the weights are signed (|u| · sign(x, u)).
 #[inline(always)]
-unsafe fn chunk_product<const SIGNED: bool>(
-    u: __m256i,
-    au: __m256i,
-    sc: __m256i,
-    chunk: usize,
-    a: &ActRow,
-) -> __m256i {
+unsafe fn chunk_acts<const SIGNED: bool>(u: __m256i, chunk: usize, a: &ActRow) -> __m256i {
     let x = _mm256_loadu_si256(a.qs.as_ptr().add(chunk * 32) as *const __m256i);
-    let x = if SIGNED { _mm256_sign_epi8(x, u) } else { x };
-    _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), sc)
+    if SIGNED {
+        _mm256_sign_epi8(x, u)
+    } else {
+        x
+    }
 }
 
-/// acc[r] += dw · dx[r] · Σ sc·u·q over the chunk.
+/// acc[r] += dw · dx[r] · Σ u·q over the chunk (the 32-weight formats: one scale a block).
+/// VNNI: one `vpdpbusd` (u8 × i8, four products into each i32) instead of maddubs + madd.
 #[inline(always)]
-unsafe fn mac<const R: usize, const SIGNED: bool>(
+unsafe fn mac<const R: usize, const SIGNED: bool, const VNNI: bool>(
     u: __m256i,
-    sc: __m256i,
     dw: f32,
     chunk: usize,
     acts: &[ActRow; R],
@@ -108,7 +105,12 @@ unsafe fn mac<const R: usize, const SIGNED: bool>(
 ) {
     let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
     for r in 0..R {
-        let s = chunk_product::<SIGNED>(u, au, sc, chunk, &acts[r]);
+        let x = chunk_acts::<SIGNED>(u, chunk, &acts[r]);
+        let s = if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), au, x)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), _mm256_set1_epi16(1))
+        };
         let f = dw * *acts[r].d.get_unchecked(chunk);
         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s), acc[r]);
     }
@@ -132,8 +134,9 @@ unsafe fn offset<const R: usize>(
 
 /// Integer accumulation inside a super-block: isum[r] += Σ sc·u·q over the chunk (the k-quants'
 /// activations share one scale per 256 values, so a super-block converts to float once).
+/// VNNI: `vpdpwssd` multiplies the i16 pair sums by the scales and accumulates in one step.
 #[inline(always)]
-unsafe fn imac<const R: usize, const SIGNED: bool>(
+unsafe fn imac<const R: usize, const SIGNED: bool, const VNNI: bool>(
     u: __m256i,
     sc: __m256i,
     chunk: usize,
@@ -142,7 +145,12 @@ unsafe fn imac<const R: usize, const SIGNED: bool>(
 ) {
     let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
     for r in 0..R {
-        isum[r] = _mm256_add_epi32(isum[r], chunk_product::<SIGNED>(u, au, sc, chunk, &acts[r]));
+        let pairs = _mm256_maddubs_epi16(au, chunk_acts::<SIGNED>(u, chunk, &acts[r]));
+        isum[r] = if VNNI {
+            _mm256_dpwssd_epi32(isum[r], pairs, sc)
+        } else {
+            _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, sc))
+        };
     }
 }
 
@@ -242,18 +250,52 @@ unsafe fn min_term<const R: usize>(
 /// `supported()`; every activation row covers the weight row's width.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; R]) -> [f32; R] {
+    dot_row_impl::<R, false>(format, w, acts)
+}
+
+/// Whether the CPU has AVX-512 VNNI on 256-bit vectors (and AVX-512 BW/VL, so the compiler
+/// also has 32 vector registers: room for an 8-row tile's accumulators).
+pub fn vnni_supported() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        supported()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// [`dot_row`] with the VNNI dot-product instructions: the same integers, so the same bits.
+///
+/// # Safety
+/// `vnni_supported()`; every activation row covers the weight row's width.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_row_vnni<const R: usize>(
+    format: Format,
+    w: &[u8],
+    acts: &[ActRow; R],
+) -> [f32; R] {
+    dot_row_impl::<R, true>(format, w, acts)
+}
+
+#[inline(always)]
+unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
+    format: Format,
+    w: &[u8],
+    acts: &[ActRow; R],
+) -> [f32; R] {
     let mut acc = [_mm256_setzero_ps(); R];
     let mut corr = [0f32; R];
     let bb = format.block_bytes();
     let blocks = w.len() / bb;
-    let ones = _mm256_set1_epi16(1);
     let p0 = w.as_ptr();
     match format {
         Format::Q8_0 => {
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let u = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
             }
         }
         Format::Q4_0 => {
@@ -263,14 +305,14 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                 // Signed weights q − 8 (as ggml does): no offset term per block, whose scalar
                 // chain cost more than the two sign instructions at one activation row.
                 let u = _mm256_sub_epi8(nibbles16(p.add(2)), eight);
-                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
             }
         }
         Format::Q4_1 => {
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let m = f16(p.add(2));
-                mac::<R, false>(nibbles16(p.add(4)), ones, f16(p), bi, acts, &mut acc);
+                mac::<R, false, VNNI>(nibbles16(p.add(4)), f16(p), bi, acts, &mut acc);
                 offset(m, m, bi, acts, &mut corr);
             }
         }
@@ -285,7 +327,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                     nibbles16(p.add(6)),
                     _mm256_andnot_si256(fifth_bits(qh), high),
                 );
-                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
             }
         }
         Format::Q5_1 => {
@@ -296,7 +338,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                 let qh = u32::from_le_bytes([*p.add(4), *p.add(5), *p.add(6), *p.add(7)]);
                 let u =
                     _mm256_or_si256(nibbles16(p.add(8)), _mm256_and_si256(fifth_bits(qh), fifth));
-                mac::<R, false>(u, ones, d, bi, acts, &mut acc);
+                mac::<R, false, VNNI>(u, d, bi, acts, &mut acc);
                 offset(m, m, bi, acts, &mut corr);
             }
         }
@@ -306,7 +348,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(2)));
-                mac::<R, true>(u, ones, f16(p), bi, acts, &mut acc);
+                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
             }
         }
         Format::IQ4XS => {
@@ -320,7 +362,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                     let sl = (*p.add(4 + c / 2) >> (4 * (c % 2))) & 0xF;
                     let ls = sl as i32 | (((sh >> (2 * c)) & 3) << 4);
                     let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(8 + 16 * c)));
-                    imac::<R, true>(
+                    imac::<R, true, VNNI>(
                         u,
                         _mm256_set1_epi16((ls - 32) as i16),
                         bi * 8 + c,
@@ -360,7 +402,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                             scales,
                             _mm256_set1_epi16(0x0100 + 0x0202 * c as i16),
                         );
-                        imac::<R, false>(u, sc, bi * 8 + c, acts, &mut isum);
+                        imac::<R, false, VNNI>(u, sc, bi * 8 + c, acts, &mut isum);
                     }
                 }
                 flush(d, None, bi, acts, &isum, &mut acc);
@@ -399,7 +441,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                             (0x0101_0101_0101_0101u64 * (2 * c as u64)) as i64,
                         );
                         let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s128, pick));
-                        imac::<R, false>(u, sc, bi * 8 + c, acts, &mut isum);
+                        imac::<R, false, VNNI>(u, sc, bi * 8 + c, acts, &mut isum);
                     }
                 }
                 flush(d, Some(coef), bi, acts, &isum, &mut acc);
@@ -418,7 +460,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         let c = 4 * n + t;
                         let u = _mm256_and_si256(srl16(q, 2 * t), low2);
                         let (s0, s1) = (*p.add(2 * c), *p.add(2 * c + 1));
-                        imac::<R, false>(
+                        imac::<R, false, VNNI>(
                             u,
                             halves((s0 & 0xF) as i32, (s1 & 0xF) as i32),
                             bi * 8 + c,
@@ -448,7 +490,7 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
                         let low = _mm256_and_si256(srl16(q, 2 * t), low2);
                         let u = _mm256_or_si256(low, bit_of_bytes(hm, c, 4));
                         let (s0, s1) = (scales[2 * c] as i32, scales[2 * c + 1] as i32);
-                        imac::<R, false>(u, halves(s0, s1), bi * 8 + c, acts, &mut isum);
+                        imac::<R, false, VNNI>(u, halves(s0, s1), bi * 8 + c, acts, &mut isum);
                         coef[2 * c] = -4.0 * d * s0 as f32;
                         coef[2 * c + 1] = -4.0 * d * s1 as f32;
                     }

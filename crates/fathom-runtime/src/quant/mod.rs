@@ -77,16 +77,53 @@ pub enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// The AVX2 kernel with AVX-512 VNNI's dot-product instructions on 256-bit vectors, and the
+    /// 32 registers AVX-512 gives: tiles of [`Kernel::row_tile`] = 8 activation rows.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs, chosen at run time.
     pub fn best() -> Kernel {
+        *Kernel::available().last().expect("the portable kernel")
+    }
+
+    /// Every kernel this CPU runs, slowest (the portable reference) first.
+    pub fn available() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        if avx2::supported() {
-            return Kernel::Avx2;
+        {
+            if avx2::supported() {
+                all.push(Kernel::Avx2);
+            }
+            if avx2::vnni_supported() {
+                all.push(Kernel::Avx512Vnni);
+            }
         }
-        Kernel::Portable
+        all
+    }
+
+    /// Whether this CPU runs `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::supported(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => avx2::vnni_supported(),
+        }
+    }
+
+    /// Activation rows per tile of a product: each unpacked weight chunk is multiplied with this
+    /// many rows while it sits in registers — as many as the accumulators fit (16 vector
+    /// registers hold four rows' sums, 32 hold eight).
+    pub fn row_tile(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => 8,
+            _ => 4,
+        }
     }
 
     /// One weight row `w` against activation rows r0..r0 + R.
@@ -104,6 +141,9 @@ impl Kernel {
             // cover the row width (it checked `acts.k` against the matrix columns).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dot_row(f, w, &rows) },
+            // SAFETY: as above, for the VNNI features.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx2::dot_row_vnni(f, w, &rows) },
         }
     }
 }
@@ -141,9 +181,6 @@ impl std::fmt::Display for ShapeError {
 }
 
 impl std::error::Error for ShapeError {}
-
-/// Activation rows per tile: each unpacked weight chunk is multiplied with this many rows.
-pub const ROW_TILE: usize = 4;
 
 impl QMatrix {
     pub fn new(
@@ -236,8 +273,10 @@ impl QMatrix {
         assert_eq!(acts.k, self.cols, "activation width vs matrix columns");
         assert_eq!(acts.group, self.format.act_group(), "activation group");
         assert!(acts.rows >= 1 && rows.end <= self.rows && out.len() == rows.len());
-        #[cfg(target_arch = "x86_64")]
-        assert!(kernel != Kernel::Avx2 || avx2::supported());
+        assert!(
+            kernel.supported(),
+            "{kernel:?} asked for on a CPU without it"
+        );
         for (o, r) in out.iter_mut().zip(rows) {
             *o = kernel.dot_tile::<1>(self.format, self.row(r), acts, 0)[0];
         }
@@ -255,13 +294,13 @@ impl QMatrix {
     /// y [acts.rows, rows] = acts · Wᵀ into `y` with `kernel`.
     ///
     /// Weight rows are split over the pool in chunks; inside a chunk, every tile of
-    /// [`ROW_TILE`] activation rows passes over the chunk's weight rows, which stay in cache.
+    /// [`Kernel::row_tile`] activation rows passes over the chunk's weight rows, which stay in
+    /// cache.
     pub fn matmul_acts(&self, kernel: Kernel, acts: &QuantizedActs, y: &mut [f32]) {
         assert_eq!(acts.k, self.cols, "activation width vs matrix columns");
-        #[cfg(target_arch = "x86_64")]
         assert!(
-            kernel != Kernel::Avx2 || avx2::supported(),
-            "AVX2 kernel asked for on a CPU without AVX2"
+            kernel.supported(),
+            "{kernel:?} asked for on a CPU without it"
         );
         assert_eq!(
             acts.group,
@@ -277,12 +316,13 @@ impl QMatrix {
         // activation tiles streamed past them, few enough to balance two threads on small n.
         let unit = (16 * 1024 / self.row_bytes().max(1)).clamp(4, 64);
         let units = n.div_ceil(unit);
+        let tile = kernel.row_tile();
         let run = |range: std::ops::Range<usize>| {
             for u in range {
                 let rows = u * unit..((u + 1) * unit).min(n);
                 let mut r0 = 0;
                 while r0 < m {
-                    let count = ROW_TILE.min(m - r0);
+                    let count = tile.min(m - r0);
                     for wr in rows.clone() {
                         let w = self.row(wr);
                         let put = |out: &[f32]| {
@@ -296,7 +336,11 @@ impl QMatrix {
                             1 => put(&kernel.dot_tile::<1>(f, w, acts, r0)),
                             2 => put(&kernel.dot_tile::<2>(f, w, acts, r0)),
                             3 => put(&kernel.dot_tile::<3>(f, w, acts, r0)),
-                            _ => put(&kernel.dot_tile::<4>(f, w, acts, r0)),
+                            4 => put(&kernel.dot_tile::<4>(f, w, acts, r0)),
+                            5 => put(&kernel.dot_tile::<5>(f, w, acts, r0)),
+                            6 => put(&kernel.dot_tile::<6>(f, w, acts, r0)),
+                            7 => put(&kernel.dot_tile::<7>(f, w, acts, r0)),
+                            _ => put(&kernel.dot_tile::<8>(f, w, acts, r0)),
                         }
                     }
                     r0 += count;
