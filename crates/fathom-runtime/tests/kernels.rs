@@ -135,6 +135,9 @@ fn every_kernel_equals_dequantise_then_dot() {
             (9, 512, 3),
             (70, 1024, 6),
             (1, 256, 4),
+            // Eight rows and more: whole panels of eight on VNNI, the rest in tiles.
+            (9, 256, 8),
+            (13, 512, 19),
         ] {
             let bytes = random_blocks(format, n * cols / format.block_elems(), &mut rng);
             let w = QMatrix::new(format, n, cols, WeightBytes::owned(bytes)).unwrap();

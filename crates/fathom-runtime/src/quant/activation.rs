@@ -143,6 +143,86 @@ impl QuantizedActs {
     }
 }
 
+/// Activation rows regrouped eight at a time for the panel kernel (`avx2::dot_panel`): within a
+/// panel the eight rows' int8 values are interleaved four at a time — one 32-byte vector holds
+/// values 4j..4j+4 of all eight rows — so `vpdpbusd` of a broadcast four-weight group against it
+/// leaves the eight rows' sums in the eight i32 lanes, with no reduction across lanes. The
+/// per-group scales and sums are stored the same way: entry [g][r] for row r of the panel.
+#[derive(Debug, Clone, Default)]
+pub struct ActPanels {
+    pub panels: usize,
+    pub k: usize,
+    /// [panel][k/4][8][4]
+    pub qs: Vec<i8>,
+    /// [panel][k/32][8]: the scale of each 32 values.
+    pub d: Vec<f32>,
+    /// [panel][k/16][8]: Σq over each 16 values, as float and as integer.
+    pub b16: Vec<f32>,
+    pub b16i: Vec<i32>,
+    /// [panel][k/32][8]: Σq over each 32 values.
+    pub b32i: Vec<i32>,
+}
+
+/// One panel of [`ActPanels`].
+#[derive(Clone, Copy)]
+pub struct Panel<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub b16: &'a [f32],
+    pub b16i: &'a [i32],
+    pub b32i: &'a [i32],
+}
+
+/// Activation rows per panel.
+pub const PANEL_ROWS: usize = 8;
+
+impl ActPanels {
+    /// The first `acts.rows / 8 · 8` rows of `acts` as panels, reusing this buffer.
+    pub fn build_from(&mut self, acts: &QuantizedActs) {
+        const P: usize = PANEL_ROWS;
+        let k = acts.k;
+        let panels = acts.rows / P;
+        self.panels = panels;
+        self.k = k;
+        self.qs.resize(panels * P * k, 0);
+        self.d.resize(panels * P * k / 32, 0.0);
+        self.b16.resize(panels * P * k / 16, 0.0);
+        self.b16i.resize(panels * P * k / 16, 0);
+        self.b32i.resize(panels * P * k / 32, 0);
+        for p in 0..panels {
+            let qs = &mut self.qs[p * P * k..(p + 1) * P * k];
+            for r in 0..P {
+                let row = acts.row(p * P + r);
+                for (j, four) in row.qs.chunks_exact(4).enumerate() {
+                    qs[(j * P + r) * 4..(j * P + r) * 4 + 4].copy_from_slice(four);
+                }
+                for (g, &d) in row.d.iter().enumerate() {
+                    self.d[(p * k / 32 + g) * P + r] = d;
+                }
+                for (g, &b) in row.bsum.iter().enumerate() {
+                    self.b16[(p * k / 16 + g) * P + r] = b;
+                    self.b16i[(p * k / 16 + g) * P + r] = b as i32;
+                }
+                for (g, pair) in row.bsum.chunks_exact(2).enumerate() {
+                    self.b32i[(p * k / 32 + g) * P + r] = (pair[0] + pair[1]) as i32;
+                }
+            }
+        }
+    }
+
+    pub fn panel(&self, p: usize) -> Panel<'_> {
+        const P: usize = PANEL_ROWS;
+        let k = self.k;
+        Panel {
+            qs: &self.qs[p * P * k..(p + 1) * P * k],
+            d: &self.d[p * P * k / 32..(p + 1) * P * k / 32],
+            b16: &self.b16[p * P * k / 16..(p + 1) * P * k / 16],
+            b16i: &self.b16i[p * P * k / 16..(p + 1) * P * k / 16],
+            b32i: &self.b32i[p * P * k / 32..(p + 1) * P * k / 32],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //! Saturation: `maddubs` adds two u8 × i8 products into an i16. Codes are ≤ 63 (q6_K) or ≤ 128 in
 //! magnitude (q8_0, iq4), activations ≤ 127: at most 2 · 128 · 127 = 32512 < 32767.
 
-use super::activation::ActRow;
+use super::activation::{ActRow, Panel};
 use super::blocks::{q3k_scales, IQ4_VALUES};
 use super::Format;
 use std::arch::x86_64::*;
@@ -93,93 +93,310 @@ unsafe fn chunk_acts<const SIGNED: bool>(u: __m256i, chunk: usize, a: &ActRow) -
     }
 }
 
-/// acc[r] += dw · dx[r] · Σ u·q over the chunk (the 32-weight formats: one scale a block).
-/// VNNI: one `vpdpbusd` (u8 × i8, four products into each i32) instead of maddubs + madd.
-#[inline(always)]
-unsafe fn mac<const R: usize, const SIGNED: bool, const VNNI: bool>(
-    u: __m256i,
-    dw: f32,
-    chunk: usize,
-    acts: &[ActRow; R],
-    acc: &mut [__m256; R],
-) {
-    let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
-    for r in 0..R {
-        let x = chunk_acts::<SIGNED>(u, chunk, &acts[r]);
-        let s = if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), au, x)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), _mm256_set1_epi16(1))
-        };
-        let f = dw * *acts[r].d.get_unchecked(chunk);
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s), acc[r]);
-    }
+/// What a format's loop hands its unpacked chunks to. [`Rows`]: one weight row · R activation
+/// rows, each row's sums in its own vector (decode, short batches). [`PanelSink`]: one weight
+/// row · one panel of eight interleaved activation rows, the eight rows' sums in the lanes of
+/// one vector (long batches on VNNI). The format loops (`dot_blocks`) are written once for both.
+trait Sink {
+    type Out;
+    /// acc += dw · dx · Σ u·q over chunk `chunk` (the 32-weight formats: one scale a block);
+    /// `u` signed i8 values when SIGNED, else u8 codes.
+    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize);
+    /// acc += dx · (c0 · Σq over weights 0..16 + c1 · Σq over 16..32) of chunk `chunk`.
+    unsafe fn offset(&mut self, c0: f32, c1: f32, chunk: usize);
+    /// Integer accumulation inside a super-block: isum += Σ sc·u·q over the chunk (the
+    /// k-quants' activations share one scale per 256 values, so a super-block converts to float
+    /// once). `sc`: i16 lanes, 0–7 the scale of the chunk's first 16 weights, 8–15 of the
+    /// second's; UNIFORM when the two are one scale.
+    unsafe fn imac<const SIGNED: bool, const UNIFORM: bool>(
+        &mut self,
+        u: __m256i,
+        sc: __m256i,
+        chunk: usize,
+    );
+    /// End of super-block `bi`: acc += d · dx · isum + dx · Σ_i coef[i] · Σq over sub-block
+    /// 16·bi + i (the offset or minimum term of each 16-weight sub-block); isum restarts.
+    unsafe fn flush(&mut self, d: f32, coef: Option<(__m256, __m256)>, bi: usize);
+    /// acc += dx · c · Σ_chunk mins[chunk] · (Σq over the chunk's 32 weights) (the minimum term
+    /// of a Q4_K/Q5_K super-block; `mins` lanes are its eight chunks).
+    unsafe fn min_term(&mut self, c: f32, mins: __m256, bi: usize);
+    unsafe fn finish(self) -> Self::Out;
 }
 
-/// corr[r] += dx[r] · (c0 · Σq over weights 0..16 + c1 · Σq over 16..32).
-#[inline(always)]
-unsafe fn offset<const R: usize>(
-    c0: f32,
-    c1: f32,
-    chunk: usize,
-    acts: &[ActRow; R],
-    corr: &mut [f32; R],
-) {
-    for r in 0..R {
-        let a = &acts[r];
-        let s = c0 * *a.bsum.get_unchecked(2 * chunk) + c1 * *a.bsum.get_unchecked(2 * chunk + 1);
-        corr[r] += *a.d.get_unchecked(chunk) * s;
-    }
+/// One weight row against R activation rows; VNNI picks the dot-product instructions.
+struct Rows<'a, const R: usize, const VNNI: bool> {
+    acts: &'a [ActRow<'a>; R],
+    acc: [__m256; R],
+    isum: [__m256i; R],
+    corr: [f32; R],
 }
 
-/// Integer accumulation inside a super-block: isum[r] += Σ sc·u·q over the chunk (the k-quants'
-/// activations share one scale per 256 values, so a super-block converts to float once).
-/// VNNI: `vpdpwssd` multiplies the i16 pair sums by the scales and accumulates in one step.
-#[inline(always)]
-unsafe fn imac<const R: usize, const SIGNED: bool, const VNNI: bool>(
-    u: __m256i,
-    sc: __m256i,
-    chunk: usize,
-    acts: &[ActRow; R],
-    isum: &mut [__m256i; R],
-) {
-    let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
-    for r in 0..R {
-        let pairs = _mm256_maddubs_epi16(au, chunk_acts::<SIGNED>(u, chunk, &acts[r]));
-        isum[r] = if VNNI {
-            _mm256_dpwssd_epi32(isum[r], pairs, sc)
-        } else {
-            _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, sc))
-        };
-    }
-}
-
-/// End of super-block `bi`: acc[r] += d · dx[r] · isum[r] + dx[r] · Σ_i coef[i] ·
-/// bsum[r][16·bi + i] (the offset or minimum term of each 16-weight sub-block), both kept in the
-/// row's eight float lanes (summed across lanes once per row, not once per super-block).
-#[inline(always)]
-unsafe fn flush<const R: usize>(
-    d: f32,
-    coef: Option<(__m256, __m256)>,
-    bi: usize,
-    acts: &[ActRow; R],
-    isum: &[__m256i; R],
-    acc: &mut [__m256; R],
-) {
-    let c = coef;
-    for r in 0..R {
-        let a = &acts[r];
-        let dx = *a.d.get_unchecked(bi * 8);
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
-        if let Some((c0, c1)) = c {
-            let b = a.bsum.as_ptr().add(bi * 16);
-            let s = _mm256_fmadd_ps(
-                c0,
-                _mm256_loadu_ps(b),
-                _mm256_mul_ps(c1, _mm256_loadu_ps(b.add(8))),
-            );
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx), s, acc[r]);
+impl<'a, const R: usize, const VNNI: bool> Rows<'a, R, VNNI> {
+    #[inline(always)]
+    unsafe fn new(acts: &'a [ActRow<'a>; R]) -> Self {
+        Rows {
+            acts,
+            acc: [_mm256_setzero_ps(); R],
+            isum: [_mm256_setzero_si256(); R],
+            corr: [0.0; R],
         }
+    }
+}
+
+impl<const R: usize, const VNNI: bool> Sink for Rows<'_, R, VNNI> {
+    type Out = [f32; R];
+
+    /// VNNI: one `vpdpbusd` (u8 × i8, four products into each i32) instead of maddubs + madd.
+    #[inline(always)]
+    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize) {
+        let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
+        for r in 0..R {
+            let x = chunk_acts::<SIGNED>(u, chunk, &self.acts[r]);
+            let s = if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), au, x)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), _mm256_set1_epi16(1))
+            };
+            let f = dw * *self.acts[r].d.get_unchecked(chunk);
+            self.acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s), self.acc[r]);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn offset(&mut self, c0: f32, c1: f32, chunk: usize) {
+        for r in 0..R {
+            let a = &self.acts[r];
+            let s =
+                c0 * *a.bsum.get_unchecked(2 * chunk) + c1 * *a.bsum.get_unchecked(2 * chunk + 1);
+            self.corr[r] += *a.d.get_unchecked(chunk) * s;
+        }
+    }
+
+    /// VNNI: `vpdpwssd` multiplies the i16 pair sums by the scales and accumulates in one step.
+    #[inline(always)]
+    unsafe fn imac<const SIGNED: bool, const UNIFORM: bool>(
+        &mut self,
+        u: __m256i,
+        sc: __m256i,
+        chunk: usize,
+    ) {
+        let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
+        for r in 0..R {
+            let pairs = _mm256_maddubs_epi16(au, chunk_acts::<SIGNED>(u, chunk, &self.acts[r]));
+            self.isum[r] = if VNNI {
+                _mm256_dpwssd_epi32(self.isum[r], pairs, sc)
+            } else {
+                _mm256_add_epi32(self.isum[r], _mm256_madd_epi16(pairs, sc))
+            };
+        }
+    }
+
+    /// Both terms kept in the row's eight float lanes (summed across lanes once per row, not
+    /// once per super-block).
+    #[inline(always)]
+    unsafe fn flush(&mut self, d: f32, coef: Option<(__m256, __m256)>, bi: usize) {
+        for r in 0..R {
+            let a = &self.acts[r];
+            let dx = *a.d.get_unchecked(bi * 8);
+            let isum = _mm256_cvtepi32_ps(self.isum[r]);
+            self.acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), isum, self.acc[r]);
+            self.isum[r] = _mm256_setzero_si256();
+            if let Some((c0, c1)) = coef {
+                let b = a.bsum.as_ptr().add(bi * 16);
+                let s = _mm256_fmadd_ps(
+                    c0,
+                    _mm256_loadu_ps(b),
+                    _mm256_mul_ps(c1, _mm256_loadu_ps(b.add(8))),
+                );
+                self.acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx), s, self.acc[r]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn min_term(&mut self, c: f32, mins: __m256, bi: usize) {
+        for r in 0..R {
+            let a = &self.acts[r];
+            let b = a.bsum.as_ptr().add(bi * 16);
+            // Pair sums of the 16-value sums: hadd interleaves 128-bit lanes, the permute
+            // restores chunk order.
+            let pairs = _mm256_hadd_ps(_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+            let pairs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+            let dx = *a.d.get_unchecked(bi * 8);
+            let t = _mm256_mul_ps(mins, pairs);
+            self.acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c * dx), t, self.acc[r]);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn finish(self) -> [f32; R] {
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(self.acc[r]) + self.corr[r];
+        }
+        out
+    }
+}
+
+/// One weight row against one [`Panel`] (VNNI only). A chunk's 32 codes go to the stack as
+/// u8 (signed values + 128, the 128 · Σq taken back in integers), and each group of four is
+/// broadcast and `vpdpbusd`-ed against the panel's vector of the eight rows' four values: eight
+/// instructions give the eight rows' chunk sums, one per lane.
+struct PanelSink<'a> {
+    p: Panel<'a>,
+    acc: __m256,
+    isum: __m256i,
+}
+
+const P8: usize = super::activation::PANEL_ROWS;
+
+impl PanelSink<'_> {
+    /// Σ codes · q over four-groups j0..j0 + N of chunk `chunk` for the eight rows, in i32 lanes
+    /// (two chains, so the dot products overlap).
+    #[inline(always)]
+    unsafe fn dots<const N: usize>(&self, codes: &[u8; 32], j0: usize, chunk: usize) -> __m256i {
+        let x = self.p.qs.as_ptr().add(chunk * 32 * P8) as *const __m256i;
+        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for j in (j0..j0 + N).step_by(2) {
+            let w0 = (codes.as_ptr().add(4 * j) as *const i32).read_unaligned();
+            let w1 = (codes.as_ptr().add(4 * j + 4) as *const i32).read_unaligned();
+            s0 = _mm256_dpbusd_epi32(s0, _mm256_set1_epi32(w0), _mm256_loadu_si256(x.add(j)));
+            s1 = _mm256_dpbusd_epi32(s1, _mm256_set1_epi32(w1), _mm256_loadu_si256(x.add(j + 1)));
+        }
+        _mm256_add_epi32(s0, s1)
+    }
+
+    /// The chunk's codes as u8 on the stack (signed values shifted by 128).
+    #[inline(always)]
+    unsafe fn codes<const SIGNED: bool>(u: __m256i) -> [u8; 32] {
+        let c = if SIGNED {
+            _mm256_xor_si256(u, _mm256_set1_epi8(0x80u8 as i8))
+        } else {
+            u
+        };
+        let mut out = [0u8; 32];
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, c);
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn lanes_f(v: &[f32], g: usize) -> __m256 {
+        _mm256_loadu_ps(v.as_ptr().add(g * P8))
+    }
+
+    #[inline(always)]
+    unsafe fn lanes_i(v: &[i32], g: usize) -> __m256i {
+        _mm256_loadu_si256(v.as_ptr().add(g * P8) as *const __m256i)
+    }
+}
+
+/// i16 lane 0 of the 128-bit `v`, sign-extended into every i32 lane.
+#[inline(always)]
+unsafe fn splat_i16(v: __m128i) -> __m256i {
+    _mm256_cvtepi16_epi32(_mm_broadcastw_epi16(v))
+}
+
+impl Sink for PanelSink<'_> {
+    type Out = [f32; P8];
+
+    #[inline(always)]
+    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize) {
+        let codes = Self::codes::<SIGNED>(u);
+        let mut s = self.dots::<8>(&codes, 0, chunk);
+        if SIGNED {
+            s = _mm256_sub_epi32(s, _mm256_slli_epi32(Self::lanes_i(self.p.b32i, chunk), 7));
+        }
+        let f = _mm256_mul_ps(_mm256_set1_ps(dw), Self::lanes_f(self.p.d, chunk));
+        self.acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), f, self.acc);
+    }
+
+    #[inline(always)]
+    unsafe fn offset(&mut self, c0: f32, c1: f32, chunk: usize) {
+        let s = _mm256_fmadd_ps(
+            _mm256_set1_ps(c0),
+            Self::lanes_f(self.p.b16, 2 * chunk),
+            _mm256_mul_ps(_mm256_set1_ps(c1), Self::lanes_f(self.p.b16, 2 * chunk + 1)),
+        );
+        self.acc = _mm256_fmadd_ps(Self::lanes_f(self.p.d, chunk), s, self.acc);
+    }
+
+    #[inline(always)]
+    unsafe fn imac<const SIGNED: bool, const UNIFORM: bool>(
+        &mut self,
+        u: __m256i,
+        sc: __m256i,
+        chunk: usize,
+    ) {
+        let codes = Self::codes::<SIGNED>(u);
+        let sc0 = splat_i16(_mm256_castsi256_si128(sc));
+        if UNIFORM {
+            let mut s = self.dots::<8>(&codes, 0, chunk);
+            if SIGNED {
+                s = _mm256_sub_epi32(s, _mm256_slli_epi32(Self::lanes_i(self.p.b32i, chunk), 7));
+            }
+            self.isum = _mm256_add_epi32(self.isum, _mm256_mullo_epi32(s, sc0));
+        } else {
+            let sc1 = splat_i16(_mm256_extracti128_si256(sc, 1));
+            let mut s0 = self.dots::<4>(&codes, 0, chunk);
+            let mut s1 = self.dots::<4>(&codes, 4, chunk);
+            if SIGNED {
+                let b = self.p.b16i;
+                s0 = _mm256_sub_epi32(s0, _mm256_slli_epi32(Self::lanes_i(b, 2 * chunk), 7));
+                s1 = _mm256_sub_epi32(s1, _mm256_slli_epi32(Self::lanes_i(b, 2 * chunk + 1), 7));
+            }
+            let t = _mm256_add_epi32(_mm256_mullo_epi32(s0, sc0), _mm256_mullo_epi32(s1, sc1));
+            self.isum = _mm256_add_epi32(self.isum, t);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn flush(&mut self, d: f32, coef: Option<(__m256, __m256)>, bi: usize) {
+        let dx = Self::lanes_f(self.p.d, bi * 8);
+        let isum = _mm256_cvtepi32_ps(self.isum);
+        self.acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(_mm256_set1_ps(d), dx), self.acc);
+        self.isum = _mm256_setzero_si256();
+        if let Some((c0, c1)) = coef {
+            let mut c = [0f32; 16];
+            _mm256_storeu_ps(c.as_mut_ptr(), c0);
+            _mm256_storeu_ps(c.as_mut_ptr().add(8), c1);
+            let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in (0..16).step_by(2) {
+                let b0 = Self::lanes_f(self.p.b16, bi * 16 + i);
+                let b1 = Self::lanes_f(self.p.b16, bi * 16 + i + 1);
+                t0 = _mm256_fmadd_ps(_mm256_set1_ps(c[i]), b0, t0);
+                t1 = _mm256_fmadd_ps(_mm256_set1_ps(c[i + 1]), b1, t1);
+            }
+            self.acc = _mm256_fmadd_ps(dx, _mm256_add_ps(t0, t1), self.acc);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn min_term(&mut self, c: f32, mins: __m256, bi: usize) {
+        let mut m = [0f32; 8];
+        _mm256_storeu_ps(m.as_mut_ptr(), mins);
+        let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (ci, &mc) in m.iter().enumerate() {
+            let g = bi * 16 + 2 * ci;
+            let pair = _mm256_add_ps(
+                Self::lanes_f(self.p.b16, g),
+                Self::lanes_f(self.p.b16, g + 1),
+            );
+            if ci % 2 == 0 {
+                t0 = _mm256_fmadd_ps(_mm256_set1_ps(mc), pair, t0);
+            } else {
+                t1 = _mm256_fmadd_ps(_mm256_set1_ps(mc), pair, t1);
+            }
+        }
+        let dx = Self::lanes_f(self.p.d, bi * 8);
+        let f = _mm256_mul_ps(_mm256_set1_ps(c), dx);
+        self.acc = _mm256_fmadd_ps(f, _mm256_add_ps(t0, t1), self.acc);
+    }
+
+    #[inline(always)]
+    unsafe fn finish(self) -> [f32; P8] {
+        let mut out = [0f32; P8];
+        _mm256_storeu_ps(out.as_mut_ptr(), self.acc);
+        out
     }
 }
 
@@ -222,35 +439,13 @@ unsafe fn scales_mins_k4(p: *const u8) -> (__m128i, __m256) {
     (sc, m)
 }
 
-/// acc[r] += dx[r] · c · Σ_chunk mins[chunk] · (Σq over the chunk's 32 weights), in the row's
-/// float lanes (the minimum term of a Q4_K/Q5_K super-block).
-#[inline(always)]
-unsafe fn min_term<const R: usize>(
-    c: f32,
-    mins: __m256,
-    bi: usize,
-    acts: &[ActRow; R],
-    acc: &mut [__m256; R],
-) {
-    for r in 0..R {
-        let a = &acts[r];
-        let b = a.bsum.as_ptr().add(bi * 16);
-        // Pair sums of the 16-value sums: hadd interleaves 128-bit lanes, the permute restores
-        // chunk order.
-        let pairs = _mm256_hadd_ps(_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
-        let pairs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
-        let dx = *a.d.get_unchecked(bi * 8);
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(c * dx), _mm256_mul_ps(mins, pairs), acc[r]);
-    }
-}
-
 /// One weight row (`w`: whole blocks of `format`) · R activation rows.
 ///
 /// # Safety
 /// `supported()`; every activation row covers the weight row's width.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; R]) -> [f32; R] {
-    dot_row_impl::<R, false>(format, w, acts)
+    dot_blocks(format, w, Rows::<R, false>::new(acts))
 }
 
 /// Whether the CPU has AVX-512 VNNI on 256-bit vectors (and AVX-512 BW/VL, so the compiler
@@ -276,17 +471,28 @@ pub unsafe fn dot_row_vnni<const R: usize>(
     w: &[u8],
     acts: &[ActRow; R],
 ) -> [f32; R] {
-    dot_row_impl::<R, true>(format, w, acts)
+    dot_blocks(format, w, Rows::<R, true>::new(acts))
 }
 
+/// One weight row (`w`: whole blocks of `format`) against one activation [`Panel`]: the eight
+/// rows' products.
+///
+/// # Safety
+/// `vnni_supported()`; the panel covers the weight row's width.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_panel(format: Format, w: &[u8], panel: Panel) -> [f32; P8] {
+    let sink = PanelSink {
+        p: panel,
+        acc: _mm256_setzero_ps(),
+        isum: _mm256_setzero_si256(),
+    };
+    dot_blocks(format, w, sink)
+}
+
+/// Each format's loop over a weight row's blocks: unpack every chunk of 32 weights once into
+/// bytes in a register, hand it with its scales to the sink.
 #[inline(always)]
-unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
-    format: Format,
-    w: &[u8],
-    acts: &[ActRow; R],
-) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut corr = [0f32; R];
+unsafe fn dot_blocks<S: Sink>(format: Format, w: &[u8], mut s: S) -> S::Out {
     let bb = format.block_bytes();
     let blocks = w.len() / bb;
     let p0 = w.as_ptr();
@@ -295,7 +501,7 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let u = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
+                s.mac::<true>(u, f16(p), bi);
             }
         }
         Format::Q4_0 => {
@@ -305,15 +511,15 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                 // Signed weights q − 8 (as ggml does): no offset term per block, whose scalar
                 // chain cost more than the two sign instructions at one activation row.
                 let u = _mm256_sub_epi8(nibbles16(p.add(2)), eight);
-                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
+                s.mac::<true>(u, f16(p), bi);
             }
         }
         Format::Q4_1 => {
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let m = f16(p.add(2));
-                mac::<R, false, VNNI>(nibbles16(p.add(4)), f16(p), bi, acts, &mut acc);
-                offset(m, m, bi, acts, &mut corr);
+                s.mac::<false>(nibbles16(p.add(4)), f16(p), bi);
+                s.offset(m, m, bi);
             }
         }
         Format::Q5_0 => {
@@ -327,7 +533,7 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                     nibbles16(p.add(6)),
                     _mm256_andnot_si256(fifth_bits(qh), high),
                 );
-                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
+                s.mac::<true>(u, f16(p), bi);
             }
         }
         Format::Q5_1 => {
@@ -338,8 +544,8 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                 let qh = u32::from_le_bytes([*p.add(4), *p.add(5), *p.add(6), *p.add(7)]);
                 let u =
                     _mm256_or_si256(nibbles16(p.add(8)), _mm256_and_si256(fifth_bits(qh), fifth));
-                mac::<R, false, VNNI>(u, d, bi, acts, &mut acc);
-                offset(m, m, bi, acts, &mut corr);
+                s.mac::<false>(u, d, bi);
+                s.offset(m, m, bi);
             }
         }
         Format::IQ4NL => {
@@ -348,7 +554,7 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(2)));
-                mac::<R, true, VNNI>(u, f16(p), bi, acts, &mut acc);
+                s.mac::<true>(u, f16(p), bi);
             }
         }
         Format::IQ4XS => {
@@ -357,20 +563,13 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let sh = u16::from_le_bytes([*p.add(2), *p.add(3)]) as i32;
-                let mut isum = [_mm256_setzero_si256(); R];
                 for c in 0..8 {
                     let sl = (*p.add(4 + c / 2) >> (4 * (c % 2))) & 0xF;
                     let ls = sl as i32 | (((sh >> (2 * c)) & 3) << 4);
                     let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(8 + 16 * c)));
-                    imac::<R, true, VNNI>(
-                        u,
-                        _mm256_set1_epi16((ls - 32) as i16),
-                        bi * 8 + c,
-                        acts,
-                        &mut isum,
-                    );
+                    s.imac::<true, true>(u, _mm256_set1_epi16((ls - 32) as i16), bi * 8 + c);
                 }
-                flush(f16(p), None, bi, acts, &isum, &mut acc);
+                s.flush(f16(p), None, bi);
             }
         }
         Format::Q4K | Format::Q5K => {
@@ -389,7 +588,6 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                 // scales as i16 lanes picked per chunk by a shuffle, mins as floats.
                 let (sc16, mins) = scales_mins_k4(p.add(4));
                 let scales = _mm256_broadcastsi128_si256(sc16);
-                let mut isum = [_mm256_setzero_si256(); R];
                 for g in 0..4 {
                     let q = _mm256_loadu_si256(qs.add(32 * g) as *const __m256i);
                     for half in 0..2 {
@@ -402,11 +600,11 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                             scales,
                             _mm256_set1_epi16(0x0100 + 0x0202 * c as i16),
                         );
-                        imac::<R, false, VNNI>(u, sc, bi * 8 + c, acts, &mut isum);
+                        s.imac::<false, true>(u, sc, bi * 8 + c);
                     }
                 }
-                flush(d, None, bi, acts, &isum, &mut acc);
-                min_term(-dmin, mins, bi, acts, &mut acc);
+                s.flush(d, None, bi);
+                s.min_term(-dmin, mins, bi);
             }
         }
         Format::Q6K => {
@@ -425,7 +623,6 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s128, 8))),
                     ),
                 );
-                let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
                     let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
@@ -441,10 +638,10 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                             (0x0101_0101_0101_0101u64 * (2 * c as u64)) as i64,
                         );
                         let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s128, pick));
-                        imac::<R, false, VNNI>(u, sc, bi * 8 + c, acts, &mut isum);
+                        s.imac::<false, false>(u, sc, bi * 8 + c);
                     }
                 }
-                flush(d, Some(coef), bi, acts, &isum, &mut acc);
+                s.flush(d, Some(coef), bi);
             }
         }
         Format::Q2K => {
@@ -453,25 +650,19 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                 let p = p0.add(bi * bb);
                 let (d, dmin) = (f16(p.add(80)), f16(p.add(82)));
                 let mut coef = [0f32; 16];
-                let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let q = _mm256_loadu_si256(p.add(16 + 32 * n) as *const __m256i);
                     for t in 0..4 {
                         let c = 4 * n + t;
                         let u = _mm256_and_si256(srl16(q, 2 * t), low2);
                         let (s0, s1) = (*p.add(2 * c), *p.add(2 * c + 1));
-                        imac::<R, false, VNNI>(
-                            u,
-                            halves((s0 & 0xF) as i32, (s1 & 0xF) as i32),
-                            bi * 8 + c,
-                            acts,
-                            &mut isum,
-                        );
+                        let sc = halves((s0 & 0xF) as i32, (s1 & 0xF) as i32);
+                        s.imac::<false, false>(u, sc, bi * 8 + c);
                         coef[2 * c] = -dmin * (s0 >> 4) as f32;
                         coef[2 * c + 1] = -dmin * (s1 >> 4) as f32;
                     }
                 }
-                flush(d, Some(load16(&coef)), bi, acts, &isum, &mut acc);
+                s.flush(d, Some(load16(&coef)), bi);
             }
         }
         Format::Q3K => {
@@ -482,7 +673,6 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                 let scales = q3k_scales(std::slice::from_raw_parts(p.add(96), 12));
                 let hm = _mm256_loadu_si256(p as *const __m256i);
                 let mut coef = [0f32; 16];
-                let mut isum = [_mm256_setzero_si256(); R];
                 for n in 0..2 {
                     let q = _mm256_loadu_si256(p.add(32 + 32 * n) as *const __m256i);
                     for t in 0..4 {
@@ -490,18 +680,14 @@ unsafe fn dot_row_impl<const R: usize, const VNNI: bool>(
                         let low = _mm256_and_si256(srl16(q, 2 * t), low2);
                         let u = _mm256_or_si256(low, bit_of_bytes(hm, c, 4));
                         let (s0, s1) = (scales[2 * c] as i32, scales[2 * c + 1] as i32);
-                        imac::<R, false, VNNI>(u, halves(s0, s1), bi * 8 + c, acts, &mut isum);
+                        s.imac::<false, false>(u, halves(s0, s1), bi * 8 + c);
                         coef[2 * c] = -4.0 * d * s0 as f32;
                         coef[2 * c + 1] = -4.0 * d * s1 as f32;
                     }
                 }
-                flush(d, Some(load16(&coef)), bi, acts, &isum, &mut acc);
+                s.flush(d, Some(load16(&coef)), bi);
             }
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]) + corr[r];
-    }
-    out
+    s.finish()
 }

@@ -13,7 +13,7 @@ pub mod blocks;
 mod format;
 mod portable;
 
-pub use activation::{ActRow, QuantizedActs};
+pub use activation::{ActPanels, ActRow, Panel, QuantizedActs, PANEL_ROWS};
 pub use blocks::{decode_chunk, dequantize};
 pub use format::Format;
 
@@ -117,12 +117,33 @@ impl Kernel {
 
     /// Activation rows per tile of a product: each unpacked weight chunk is multiplied with this
     /// many rows while it sits in registers — as many as the accumulators fit (16 vector
-    /// registers hold four rows' sums, 32 hold eight).
-    pub fn row_tile(self) -> usize {
+    /// registers hold four rows' sums, 32 hold eight). The offset formats (q4_1, q5_1) keep
+    /// four rows on VNNI too: their per-block min term is a scalar chain per row that measured
+    /// slower at eight (qmatmul_bench, session 17: 23.5 vs 30.9 GMAC/s for q4_1).
+    pub fn row_tile(self, format: Format) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => 8,
+            Kernel::Avx512Vnni if !matches!(format, Format::Q4_1 | Format::Q5_1) => 8,
             _ => 4,
+        }
+    }
+
+    /// Whether this kernel multiplies whole [`Panel`]s of eight activation rows.
+    pub fn panels(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni {
+            return true;
+        }
+        false
+    }
+
+    /// One weight row `w` against one panel of eight activation rows.
+    fn dot_panel(self, f: Format, w: &[u8], panel: Panel) -> [f32; PANEL_ROWS] {
+        match self {
+            // SAFETY: `matmul_acts` checked the CPU features and the widths.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx2::dot_panel(f, w, panel) },
+            _ => unreachable!("{self:?} has no panel kernel"),
         }
     }
 
@@ -316,37 +337,82 @@ impl QMatrix {
         // activation tiles streamed past them, few enough to balance two threads on small n.
         let unit = (16 * 1024 / self.row_bytes().max(1)).clamp(4, 64);
         let units = n.div_ceil(unit);
-        let tile = kernel.row_tile();
-        let run = |range: std::ops::Range<usize>| {
-            for u in range {
-                let rows = u * unit..((u + 1) * unit).min(n);
-                let mut r0 = 0;
-                while r0 < m {
-                    let count = tile.min(m - r0);
-                    for wr in rows.clone() {
-                        let w = self.row(wr);
-                        let put = |out: &[f32]| {
+        let tile = kernel.row_tile(self.format);
+        // VNNI with eight rows or more: whole panels of eight interleaved rows, the rest in
+        // tiles (the buffer is the calling thread's, kept between calls).
+        let use_panels = kernel.panels() && m >= PANEL_ROWS;
+        PANEL_BUF.with(|cell| {
+            let mut fresh = ActPanels::default();
+            let mut guard = cell.try_borrow_mut();
+            let panels = match guard.as_mut() {
+                Ok(b) => &mut **b,
+                Err(_) => &mut fresh,
+            };
+            if use_panels {
+                panels.build_from(acts);
+            } else {
+                panels.panels = 0;
+            }
+            let panels: &ActPanels = panels;
+            let run = |range: std::ops::Range<usize>| {
+                for u in range {
+                    let rows = u * unit..((u + 1) * unit).min(n);
+                    for pi in 0..panels.panels {
+                        let panel = panels.panel(pi);
+                        for wr in rows.clone() {
+                            let out = kernel.dot_panel(self.format, self.row(wr), panel);
                             for (i, &v) in out.iter().enumerate() {
-                                // SAFETY: (r0 + i, wr) is written by this unit only.
-                                unsafe { *dst.at((r0 + i) * n + wr) = v };
+                                // SAFETY: (row, wr) is written by this unit only.
+                                unsafe { *dst.at((pi * PANEL_ROWS + i) * n + wr) = v };
                             }
-                        };
-                        let f = self.format;
-                        match count {
-                            1 => put(&kernel.dot_tile::<1>(f, w, acts, r0)),
-                            2 => put(&kernel.dot_tile::<2>(f, w, acts, r0)),
-                            3 => put(&kernel.dot_tile::<3>(f, w, acts, r0)),
-                            4 => put(&kernel.dot_tile::<4>(f, w, acts, r0)),
-                            5 => put(&kernel.dot_tile::<5>(f, w, acts, r0)),
-                            6 => put(&kernel.dot_tile::<6>(f, w, acts, r0)),
-                            7 => put(&kernel.dot_tile::<7>(f, w, acts, r0)),
-                            _ => put(&kernel.dot_tile::<8>(f, w, acts, r0)),
                         }
                     }
-                    r0 += count;
+                    self.tiles(kernel, tile, acts, panels.panels * PANEL_ROWS, rows, &dst);
+                }
+            };
+            for_chunks(units, m * n * self.cols, run);
+        });
+    }
+
+    /// Activation rows r0.. against weight rows `rows`, `tile` activation rows at a time.
+    fn tiles(
+        &self,
+        kernel: Kernel,
+        tile: usize,
+        acts: &QuantizedActs,
+        r0: usize,
+        rows: std::ops::Range<usize>,
+        dst: &SharedOut,
+    ) {
+        let (m, n) = (acts.rows, self.rows);
+        let mut r0 = r0;
+        while r0 < m {
+            let count = tile.min(m - r0);
+            for wr in rows.clone() {
+                let w = self.row(wr);
+                let put = |out: &[f32]| {
+                    for (i, &v) in out.iter().enumerate() {
+                        // SAFETY: (r0 + i, wr) is written by this unit only.
+                        unsafe { *dst.at((r0 + i) * n + wr) = v };
+                    }
+                };
+                let f = self.format;
+                match count {
+                    1 => put(&kernel.dot_tile::<1>(f, w, acts, r0)),
+                    2 => put(&kernel.dot_tile::<2>(f, w, acts, r0)),
+                    3 => put(&kernel.dot_tile::<3>(f, w, acts, r0)),
+                    4 => put(&kernel.dot_tile::<4>(f, w, acts, r0)),
+                    5 => put(&kernel.dot_tile::<5>(f, w, acts, r0)),
+                    6 => put(&kernel.dot_tile::<6>(f, w, acts, r0)),
+                    7 => put(&kernel.dot_tile::<7>(f, w, acts, r0)),
+                    _ => put(&kernel.dot_tile::<8>(f, w, acts, r0)),
                 }
             }
-        };
-        for_chunks(units, m * n * self.cols, run);
+            r0 += count;
+        }
     }
+}
+
+thread_local! {
+    static PANEL_BUF: std::cell::RefCell<ActPanels> = std::cell::RefCell::new(ActPanels::default());
 }
