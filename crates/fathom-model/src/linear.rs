@@ -21,8 +21,14 @@ use fathom_runtime::{Format, QMatrix, WeightBytes};
 /// q4_0/q5_0 1.5, 1.0, 0.78, 0.55–0.70×. So formats with 256-weight blocks (the k-quants,
 /// iq4_xs) switch at 256 rows, the 32-weight ones at 128; the formats not measured (q2_K, q3_K,
 /// q5_K, q4_1, q5_1, iq4_nl, iq4_xs) follow their block width.
+///
+/// With AVX-512 VNNI the panel kernel runs from eight rows on and beats the f32 GEMM at every
+/// batch measured (session 17, same bench, 2 threads, M = 128 / 512 / 2048: 1.9–3.8×,
+/// 1.3–1.7×, 1.2–1.6× over all twelve formats), so there it never expands.
 pub fn dequantize_from_rows(format: Format) -> usize {
-    if format.block_elems() == 256 {
+    if fathom_runtime::Kernel::best().panels() {
+        usize::MAX
+    } else if format.block_elems() == 256 {
         256
     } else {
         128

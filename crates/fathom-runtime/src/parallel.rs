@@ -45,16 +45,30 @@ pub fn for_chunks<F: Fn(Range<usize>) + Sync>(n_items: usize, work: usize, f: F)
 
 /// A raw output pointer shared by the threads of a region, each writing indices no other thread
 /// writes.
-#[derive(Clone, Copy)]
-pub struct SharedOut(pub *mut f32);
+pub struct SharedOut<T = f32>(pub *mut T);
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
 // SAFETY: threads write disjoint indices (every user documents its partition).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+impl<T> SharedOut<T> {
     /// # Safety
     /// `i` lies inside the buffer and no other thread touches it during the region.
-    pub unsafe fn at(self, i: usize) -> *mut f32 {
+    pub unsafe fn at(self, i: usize) -> *mut T {
         self.0.add(i)
+    }
+
+    /// Elements i..i + len as a slice.
+    ///
+    /// # Safety
+    /// As [`SharedOut::at`], for every element of the range.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, i: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(i), len)
     }
 }
 

@@ -238,32 +238,38 @@ impl<const R: usize, const VNNI: bool> Sink for Rows<'_, R, VNNI> {
     }
 }
 
-/// One weight row against one [`Panel`] (VNNI only). A chunk's 32 codes go to the stack as
+/// One weight row against NP [`Panel`]s (VNNI only). A chunk's 32 codes go to the stack as
 /// u8 (signed values + 128, the 128 · Σq taken back in integers), and each group of four is
-/// broadcast and `vpdpbusd`-ed against the panel's vector of the eight rows' four values: eight
-/// instructions give the eight rows' chunk sums, one per lane.
-struct PanelSink<'a> {
-    p: Panel<'a>,
-    acc: __m256,
-    isum: __m256i,
+/// broadcast and `vpdpbusd`-ed against each panel's vector of its eight rows' four values: eight
+/// instructions a panel give its eight rows' chunk sums, one per lane. Two panels share each
+/// broadcast and each unpacked chunk.
+struct PanelSink<'a, const NP: usize> {
+    p: [Panel<'a>; NP],
+    acc: [__m256; NP],
+    isum: [__m256i; NP],
 }
 
 const P8: usize = super::activation::PANEL_ROWS;
 
-impl PanelSink<'_> {
-    /// Σ codes · q over four-groups j0..j0 + N of chunk `chunk` for the eight rows, in i32 lanes
-    /// (two chains, so the dot products overlap).
+impl<const NP: usize> PanelSink<'_, NP> {
+    /// Σ codes · q over four-groups j0..j0 + N of chunk `chunk` for each panel's eight rows, in
+    /// i32 lanes.
     #[inline(always)]
-    unsafe fn dots<const N: usize>(&self, codes: &[u8; 32], j0: usize, chunk: usize) -> __m256i {
-        let x = self.p.qs.as_ptr().add(chunk * 32 * P8) as *const __m256i;
-        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for j in (j0..j0 + N).step_by(2) {
-            let w0 = (codes.as_ptr().add(4 * j) as *const i32).read_unaligned();
-            let w1 = (codes.as_ptr().add(4 * j + 4) as *const i32).read_unaligned();
-            s0 = _mm256_dpbusd_epi32(s0, _mm256_set1_epi32(w0), _mm256_loadu_si256(x.add(j)));
-            s1 = _mm256_dpbusd_epi32(s1, _mm256_set1_epi32(w1), _mm256_loadu_si256(x.add(j + 1)));
+    unsafe fn dots<const N: usize>(
+        &self,
+        codes: &[u8; 32],
+        j0: usize,
+        chunk: usize,
+    ) -> [__m256i; NP] {
+        let mut s = [_mm256_setzero_si256(); NP];
+        for j in j0..j0 + N {
+            let w = _mm256_set1_epi32((codes.as_ptr().add(4 * j) as *const i32).read_unaligned());
+            for (q, sq) in s.iter_mut().enumerate() {
+                let x = self.p[q].qs.as_ptr().add(chunk * 32 * P8) as *const __m256i;
+                *sq = _mm256_dpbusd_epi32(*sq, w, _mm256_loadu_si256(x.add(j)));
+            }
         }
-        _mm256_add_epi32(s0, s1)
+        s
     }
 
     /// The chunk's codes as u8 on the stack (signed values shifted by 128).
@@ -296,28 +302,37 @@ unsafe fn splat_i16(v: __m128i) -> __m256i {
     _mm256_cvtepi16_epi32(_mm_broadcastw_epi16(v))
 }
 
-impl Sink for PanelSink<'_> {
-    type Out = [f32; P8];
+impl<const NP: usize> Sink for PanelSink<'_, NP> {
+    type Out = [[f32; P8]; NP];
 
     #[inline(always)]
     unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize) {
         let codes = Self::codes::<SIGNED>(u);
-        let mut s = self.dots::<8>(&codes, 0, chunk);
-        if SIGNED {
-            s = _mm256_sub_epi32(s, _mm256_slli_epi32(Self::lanes_i(self.p.b32i, chunk), 7));
+        let s = self.dots::<8>(&codes, 0, chunk);
+        let dw = _mm256_set1_ps(dw);
+        for q in 0..NP {
+            let mut s = s[q];
+            if SIGNED {
+                let b = Self::lanes_i(self.p[q].b32i, chunk);
+                s = _mm256_sub_epi32(s, _mm256_slli_epi32(b, 7));
+            }
+            let f = _mm256_mul_ps(dw, Self::lanes_f(self.p[q].d, chunk));
+            self.acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), f, self.acc[q]);
         }
-        let f = _mm256_mul_ps(_mm256_set1_ps(dw), Self::lanes_f(self.p.d, chunk));
-        self.acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), f, self.acc);
     }
 
     #[inline(always)]
     unsafe fn offset(&mut self, c0: f32, c1: f32, chunk: usize) {
-        let s = _mm256_fmadd_ps(
-            _mm256_set1_ps(c0),
-            Self::lanes_f(self.p.b16, 2 * chunk),
-            _mm256_mul_ps(_mm256_set1_ps(c1), Self::lanes_f(self.p.b16, 2 * chunk + 1)),
-        );
-        self.acc = _mm256_fmadd_ps(Self::lanes_f(self.p.d, chunk), s, self.acc);
+        let (c0, c1) = (_mm256_set1_ps(c0), _mm256_set1_ps(c1));
+        for q in 0..NP {
+            let p = &self.p[q];
+            let s = _mm256_fmadd_ps(
+                c0,
+                Self::lanes_f(p.b16, 2 * chunk),
+                _mm256_mul_ps(c1, Self::lanes_f(p.b16, 2 * chunk + 1)),
+            );
+            self.acc[q] = _mm256_fmadd_ps(Self::lanes_f(p.d, chunk), s, self.acc[q]);
+        }
     }
 
     #[inline(always)]
@@ -330,43 +345,56 @@ impl Sink for PanelSink<'_> {
         let codes = Self::codes::<SIGNED>(u);
         let sc0 = splat_i16(_mm256_castsi256_si128(sc));
         if UNIFORM {
-            let mut s = self.dots::<8>(&codes, 0, chunk);
-            if SIGNED {
-                s = _mm256_sub_epi32(s, _mm256_slli_epi32(Self::lanes_i(self.p.b32i, chunk), 7));
+            let s = self.dots::<8>(&codes, 0, chunk);
+            for q in 0..NP {
+                let mut s = s[q];
+                if SIGNED {
+                    let b = Self::lanes_i(self.p[q].b32i, chunk);
+                    s = _mm256_sub_epi32(s, _mm256_slli_epi32(b, 7));
+                }
+                self.isum[q] = _mm256_add_epi32(self.isum[q], _mm256_mullo_epi32(s, sc0));
             }
-            self.isum = _mm256_add_epi32(self.isum, _mm256_mullo_epi32(s, sc0));
         } else {
             let sc1 = splat_i16(_mm256_extracti128_si256(sc, 1));
-            let mut s0 = self.dots::<4>(&codes, 0, chunk);
-            let mut s1 = self.dots::<4>(&codes, 4, chunk);
-            if SIGNED {
-                let b = self.p.b16i;
-                s0 = _mm256_sub_epi32(s0, _mm256_slli_epi32(Self::lanes_i(b, 2 * chunk), 7));
-                s1 = _mm256_sub_epi32(s1, _mm256_slli_epi32(Self::lanes_i(b, 2 * chunk + 1), 7));
+            let s0 = self.dots::<4>(&codes, 0, chunk);
+            let s1 = self.dots::<4>(&codes, 4, chunk);
+            for q in 0..NP {
+                let (mut s0, mut s1) = (s0[q], s1[q]);
+                if SIGNED {
+                    let b = self.p[q].b16i;
+                    s0 = _mm256_sub_epi32(s0, _mm256_slli_epi32(Self::lanes_i(b, 2 * chunk), 7));
+                    let b1 = Self::lanes_i(b, 2 * chunk + 1);
+                    s1 = _mm256_sub_epi32(s1, _mm256_slli_epi32(b1, 7));
+                }
+                let t = _mm256_add_epi32(_mm256_mullo_epi32(s0, sc0), _mm256_mullo_epi32(s1, sc1));
+                self.isum[q] = _mm256_add_epi32(self.isum[q], t);
             }
-            let t = _mm256_add_epi32(_mm256_mullo_epi32(s0, sc0), _mm256_mullo_epi32(s1, sc1));
-            self.isum = _mm256_add_epi32(self.isum, t);
         }
     }
 
     #[inline(always)]
     unsafe fn flush(&mut self, d: f32, coef: Option<(__m256, __m256)>, bi: usize) {
-        let dx = Self::lanes_f(self.p.d, bi * 8);
-        let isum = _mm256_cvtepi32_ps(self.isum);
-        self.acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(_mm256_set1_ps(d), dx), self.acc);
-        self.isum = _mm256_setzero_si256();
+        let mut c = [0f32; 16];
         if let Some((c0, c1)) = coef {
-            let mut c = [0f32; 16];
             _mm256_storeu_ps(c.as_mut_ptr(), c0);
             _mm256_storeu_ps(c.as_mut_ptr().add(8), c1);
-            let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for i in (0..16).step_by(2) {
-                let b0 = Self::lanes_f(self.p.b16, bi * 16 + i);
-                let b1 = Self::lanes_f(self.p.b16, bi * 16 + i + 1);
-                t0 = _mm256_fmadd_ps(_mm256_set1_ps(c[i]), b0, t0);
-                t1 = _mm256_fmadd_ps(_mm256_set1_ps(c[i + 1]), b1, t1);
+        }
+        for q in 0..NP {
+            let p = &self.p[q];
+            let dx = Self::lanes_f(p.d, bi * 8);
+            let isum = _mm256_cvtepi32_ps(self.isum[q]);
+            self.acc[q] = _mm256_fmadd_ps(isum, _mm256_mul_ps(_mm256_set1_ps(d), dx), self.acc[q]);
+            self.isum[q] = _mm256_setzero_si256();
+            if coef.is_some() {
+                let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for i in (0..16).step_by(2) {
+                    let b0 = Self::lanes_f(p.b16, bi * 16 + i);
+                    let b1 = Self::lanes_f(p.b16, bi * 16 + i + 1);
+                    t0 = _mm256_fmadd_ps(_mm256_set1_ps(c[i]), b0, t0);
+                    t1 = _mm256_fmadd_ps(_mm256_set1_ps(c[i + 1]), b1, t1);
+                }
+                self.acc[q] = _mm256_fmadd_ps(dx, _mm256_add_ps(t0, t1), self.acc[q]);
             }
-            self.acc = _mm256_fmadd_ps(dx, _mm256_add_ps(t0, t1), self.acc);
         }
     }
 
@@ -374,28 +402,29 @@ impl Sink for PanelSink<'_> {
     unsafe fn min_term(&mut self, c: f32, mins: __m256, bi: usize) {
         let mut m = [0f32; 8];
         _mm256_storeu_ps(m.as_mut_ptr(), mins);
-        let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (ci, &mc) in m.iter().enumerate() {
-            let g = bi * 16 + 2 * ci;
-            let pair = _mm256_add_ps(
-                Self::lanes_f(self.p.b16, g),
-                Self::lanes_f(self.p.b16, g + 1),
-            );
-            if ci % 2 == 0 {
-                t0 = _mm256_fmadd_ps(_mm256_set1_ps(mc), pair, t0);
-            } else {
-                t1 = _mm256_fmadd_ps(_mm256_set1_ps(mc), pair, t1);
+        for q in 0..NP {
+            let p = &self.p[q];
+            let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for (ci, &mc) in m.iter().enumerate() {
+                let g = bi * 16 + 2 * ci;
+                let pair = _mm256_add_ps(Self::lanes_f(p.b16, g), Self::lanes_f(p.b16, g + 1));
+                if ci % 2 == 0 {
+                    t0 = _mm256_fmadd_ps(_mm256_set1_ps(mc), pair, t0);
+                } else {
+                    t1 = _mm256_fmadd_ps(_mm256_set1_ps(mc), pair, t1);
+                }
             }
+            let f = _mm256_mul_ps(_mm256_set1_ps(c), Self::lanes_f(p.d, bi * 8));
+            self.acc[q] = _mm256_fmadd_ps(f, _mm256_add_ps(t0, t1), self.acc[q]);
         }
-        let dx = Self::lanes_f(self.p.d, bi * 8);
-        let f = _mm256_mul_ps(_mm256_set1_ps(c), dx);
-        self.acc = _mm256_fmadd_ps(f, _mm256_add_ps(t0, t1), self.acc);
     }
 
     #[inline(always)]
-    unsafe fn finish(self) -> [f32; P8] {
-        let mut out = [0f32; P8];
-        _mm256_storeu_ps(out.as_mut_ptr(), self.acc);
+    unsafe fn finish(self) -> [[f32; P8]; NP] {
+        let mut out = [[0f32; P8]; NP];
+        for q in 0..NP {
+            _mm256_storeu_ps(out[q].as_mut_ptr(), self.acc[q]);
+        }
         out
     }
 }
@@ -474,17 +503,21 @@ pub unsafe fn dot_row_vnni<const R: usize>(
     dot_blocks(format, w, Rows::<R, true>::new(acts))
 }
 
-/// One weight row (`w`: whole blocks of `format`) against one activation [`Panel`]: the eight
-/// rows' products.
+/// One weight row (`w`: whole blocks of `format`) against NP activation [`Panel`]s: their rows'
+/// products.
 ///
 /// # Safety
 /// `vnni_supported()`; the panel covers the weight row's width.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_panel(format: Format, w: &[u8], panel: Panel) -> [f32; P8] {
+pub unsafe fn dot_panels<const NP: usize>(
+    format: Format,
+    w: &[u8],
+    panels: [Panel; NP],
+) -> [[f32; P8]; NP] {
     let sink = PanelSink {
-        p: panel,
-        acc: _mm256_setzero_ps(),
-        isum: _mm256_setzero_si256(),
+        p: panels,
+        acc: [_mm256_setzero_ps(); NP],
+        isum: [_mm256_setzero_si256(); NP],
     };
     dot_blocks(format, w, sink)
 }

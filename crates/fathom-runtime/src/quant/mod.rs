@@ -137,12 +137,17 @@ impl Kernel {
         false
     }
 
-    /// One weight row `w` against one panel of eight activation rows.
-    fn dot_panel(self, f: Format, w: &[u8], panel: Panel) -> [f32; PANEL_ROWS] {
+    /// One weight row `w` against NP panels of eight activation rows.
+    fn dot_panels<const NP: usize>(
+        self,
+        f: Format,
+        w: &[u8],
+        panels: [Panel; NP],
+    ) -> [[f32; PANEL_ROWS]; NP] {
         match self {
             // SAFETY: `matmul_acts` checked the CPU features and the widths.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { avx2::dot_panel(f, w, panel) },
+            Kernel::Avx512Vnni => unsafe { avx2::dot_panels(f, w, panels) },
             _ => unreachable!("{self:?} has no panel kernel"),
         }
     }
@@ -304,11 +309,21 @@ impl QMatrix {
     }
 
     /// y [m, rows] = x [m, cols] · Wᵀ with the best kernel.
+    ///
+    /// The quantised activations live in a buffer of the calling thread, kept between calls: a
+    /// fresh one per projection cost its page faults again every call (a prefill's are MBs).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut acts = QuantizedActs::default();
-        acts.quantize_into(x, m, self.cols, self.format.act_group());
         let mut y = vec![0f32; m * self.rows];
-        self.matmul_acts(Kernel::best(), &acts, &mut y);
+        ACTS_BUF.with(|cell| {
+            let mut fresh = QuantizedActs::default();
+            let mut guard = cell.try_borrow_mut();
+            let acts = match guard.as_mut() {
+                Ok(b) => &mut **b,
+                Err(_) => &mut fresh,
+            };
+            acts.quantize_into(x, m, self.cols, self.format.act_group());
+            self.matmul_acts(Kernel::best(), acts, &mut y);
+        });
         y
     }
 
@@ -357,15 +372,30 @@ impl QMatrix {
             let run = |range: std::ops::Range<usize>| {
                 for u in range {
                     let rows = u * unit..((u + 1) * unit).min(n);
-                    for pi in 0..panels.panels {
-                        let panel = panels.panel(pi);
+                    // Two panels at a time (each unpacked chunk and broadcast serves sixteen
+                    // rows), then the odd one.
+                    let mut pi = 0;
+                    while pi < panels.panels {
+                        let two = pi + 1 < panels.panels;
                         for wr in rows.clone() {
-                            let out = kernel.dot_panel(self.format, self.row(wr), panel);
-                            for (i, &v) in out.iter().enumerate() {
-                                // SAFETY: (row, wr) is written by this unit only.
-                                unsafe { *dst.at((pi * PANEL_ROWS + i) * n + wr) = v };
+                            let (f, w) = (self.format, self.row(wr));
+                            let put = |q: usize, out: &[f32; PANEL_ROWS]| {
+                                for (i, &v) in out.iter().enumerate() {
+                                    let r = (pi + q) * PANEL_ROWS + i;
+                                    // SAFETY: (r, wr) is written by this unit only.
+                                    unsafe { *dst.at(r * n + wr) = v };
+                                }
+                            };
+                            if two {
+                                let pair = [panels.panel(pi), panels.panel(pi + 1)];
+                                let out = kernel.dot_panels(f, w, pair);
+                                put(0, &out[0]);
+                                put(1, &out[1]);
+                            } else {
+                                put(0, &kernel.dot_panels(f, w, [panels.panel(pi)])[0]);
                             }
                         }
+                        pi += if two { 2 } else { 1 };
                     }
                     self.tiles(kernel, tile, acts, panels.panels * PANEL_ROWS, rows, &dst);
                 }
@@ -414,5 +444,6 @@ impl QMatrix {
 }
 
 thread_local! {
+    static ACTS_BUF: std::cell::RefCell<QuantizedActs> = std::cell::RefCell::new(QuantizedActs::default());
     static PANEL_BUF: std::cell::RefCell<ActPanels> = std::cell::RefCell::new(ActPanels::default());
 }
