@@ -112,11 +112,11 @@ impl GqaAttention {
 
     /// q [b, s, h·d], k and v [b, s, kv_heads·d] (before rope).
     fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((
-            self.q_proj.forward(x)?,
-            self.k_proj.forward(x)?,
-            self.v_proj.forward(x)?,
-        ))
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                .try_into()
+                .expect("three projections");
+        Ok((q, k, v))
     }
 
     pub fn forward(

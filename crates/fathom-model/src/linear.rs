@@ -194,6 +194,49 @@ impl Linear {
             .to_dtype(x.dtype())
     }
 
+    /// The projections `layers` of one input x, as [`Linear::forward`] each: where two or more
+    /// are block-quantised and run on the stored blocks, x goes to the host and is quantised
+    /// once for all of them (attention's q/k/v, the MLP's gate/up).
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / k;
+        let on_blocks = |l: &Linear| match &l.weight {
+            Weight::Quantized(q) => rows < dequantize_from_rows(q.format()),
+            Weight::Dense(_) => false,
+        };
+        let shared: Vec<&QMatrix> = layers
+            .iter()
+            .filter(|l| on_blocks(l))
+            .map(|l| match &l.weight {
+                Weight::Quantized(q) => q,
+                Weight::Dense(_) => unreachable!("filtered"),
+            })
+            .collect();
+        if shared.len() < 2 {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let host: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut ys = QMatrix::matmul_shared(&shared, &host, rows).into_iter();
+        layers
+            .iter()
+            .map(|l| {
+                if !on_blocks(l) {
+                    return l.forward(x);
+                }
+                let y = ys.next().expect("one output per shared matrix");
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = y.len() / rows;
+                let y = Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?
+                    .to_device(x.device())?
+                    .to_dtype(x.dtype())?;
+                match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            })
+            .collect()
+    }
+
     /// x [rows, in] (host f32) · Wᵀ through [`crate::rows_matmul`] when W is dense f32 without
     /// a bias and not trained; `None` otherwise.
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
@@ -227,6 +270,49 @@ impl Linear {
                 w.elem_count() * w.dtype().size_in_bytes(),
             ),
             Weight::Quantized(q) => (q.format().name().to_lowercase(), q.bytes().len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn lin(out: usize, inp: usize, quant: WeightQuant, bias: bool, seed: u64) -> Linear {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1999) as f32 / 999.5) - 1.0)
+            .collect();
+        let w = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
+        let bias = bias.then(|| Tensor::arange(0f32, out as f32, &Device::Cpu).unwrap());
+        Linear {
+            weight: quantize_weight(w, quant).unwrap(),
+            bias,
+        }
+    }
+
+    /// Projections of one input quantised once give what each gives alone, bias included, and
+    /// a dense projection among them runs its own path.
+    #[test]
+    fn shared_input_projections_equal_separate_ones() {
+        let (hid, rows) = (256, 19);
+        let layers = [
+            lin(64, hid, WeightQuant::Q8_0, true, 1),
+            lin(32, hid, WeightQuant::Q4K, false, 2),
+            lin(48, hid, WeightQuant::Q4_0, false, 3),
+            Linear::dense_weight(Tensor::ones((8, hid), DType::F32, &Device::Cpu).unwrap()),
+        ];
+        let x: Vec<f32> = (0..rows * hid)
+            .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+            .collect();
+        let x = Tensor::from_vec(x, (1, rows, hid), &Device::Cpu).unwrap();
+        let refs: Vec<&Linear> = layers.iter().collect();
+        let shared = Linear::forward_shared(&refs, &x).unwrap();
+        for (l, y) in layers.iter().zip(&shared) {
+            let want = l.forward(&x).unwrap();
+            assert_eq!(y.dims(), want.dims());
+            let diff = (y - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() <= 1e-5, "{diff}");
         }
     }
 }

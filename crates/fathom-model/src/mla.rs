@@ -122,22 +122,27 @@ impl Mla {
         )
     }
 
-    /// Queries [b, s, h·d_qk].
-    fn query(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.q {
-            QueryProj::Full { q_proj } => q_proj.forward(x),
+    /// The two input projections of x [b, s, hidden]: queries [b, s, h·d_qk] and the joint
+    /// down-projection [c_kv ‖ k_pe] [b, s, kv_lora_rank + d_rope] (before its norm and rope).
+    pub fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        // Both read x: quantised once for the two when they run on stored blocks.
+        let (q, ckv) = match &self.q {
+            QueryProj::Full { q_proj } => {
+                let both = Linear::forward_shared(&[q_proj, &self.kv_a_proj_with_mqa], x)?;
+                let [q, ckv]: [Tensor; 2] = both.try_into().expect("two projections");
+                (q, ckv)
+            }
             QueryProj::LowRank {
                 q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
-            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?),
-        }
-    }
-
-    /// The two input projections of x [b, s, hidden]: queries [b, s, h·d_qk] and the joint
-    /// down-projection [c_kv ‖ k_pe] [b, s, kv_lora_rank + d_rope] (before its norm and rope).
-    pub fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.query(x)?, self.kv_a_proj_with_mqa.forward(x)?))
+            } => {
+                let both = Linear::forward_shared(&[q_a_proj, &self.kv_a_proj_with_mqa], x)?;
+                let [qa, ckv]: [Tensor; 2] = both.try_into().expect("two projections");
+                (q_b_proj.forward(&q_a_layernorm.forward(&qa)?)?, ckv)
+            }
+        };
+        Ok((q, ckv))
     }
 
     pub fn forward(

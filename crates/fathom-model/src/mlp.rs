@@ -39,9 +39,10 @@ impl Mlp {
                 return Tensor::from_vec(y, dims, x.device());
             }
         }
-        let g = silu(&self.gate_proj.forward(x)?)?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        let [g, u]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x)?
+            .try_into()
+            .expect("two projections");
+        self.down_proj.forward(&(silu(&g)? * u)?)
     }
 
     /// The hidden (intermediate) width: rows of gate_proj.

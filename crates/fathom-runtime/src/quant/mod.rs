@@ -327,6 +327,36 @@ impl QMatrix {
         y
     }
 
+    /// yᵢ = x · Wᵢᵀ for several matrices of the same input (q/k/v, gate/up): x is quantised
+    /// once per activation group the formats want, not once per matrix.
+    pub fn matmul_shared(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
+        ACTS_BUF.with(|cell| {
+            let mut fresh = QuantizedActs::default();
+            let mut guard = cell.try_borrow_mut();
+            let acts = match guard.as_mut() {
+                Ok(b) => &mut **b,
+                Err(_) => &mut fresh,
+            };
+            let mut done = vec![false; mats.len()];
+            for i in 0..mats.len() {
+                if done[i] {
+                    continue;
+                }
+                let (group, cols) = (mats[i].format.act_group(), mats[i].cols);
+                acts.quantize_into(x, m, cols, group);
+                for j in i..mats.len() {
+                    let w = mats[j];
+                    if !done[j] && w.format.act_group() == group && w.cols == cols {
+                        w.matmul_acts(Kernel::best(), acts, &mut ys[j]);
+                        done[j] = true;
+                    }
+                }
+            }
+        });
+        ys
+    }
+
     /// y [acts.rows, rows] = acts · Wᵀ into `y` with `kernel`.
     ///
     /// Weight rows are split over the pool in chunks; inside a chunk, every tile of
