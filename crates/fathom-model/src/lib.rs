@@ -15,6 +15,7 @@
 pub mod attention;
 pub mod cache;
 pub mod decoder;
+pub mod embedding;
 pub mod fused;
 pub mod linear;
 pub mod mla;

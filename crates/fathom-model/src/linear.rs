@@ -104,7 +104,12 @@ pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
 
 /// A file's stored blocks as a runtime matrix of the expected shape, naming the tensor when the
 /// format is unknown or the shape or byte count disagree.
-fn stored_matrix(name: &str, b: StoredBlocks, out: usize, inp: usize) -> Result<QMatrix> {
+pub(crate) fn stored_matrix(
+    name: &str,
+    b: StoredBlocks,
+    out: usize,
+    inp: usize,
+) -> Result<QMatrix> {
     if b.dims != [out, inp] {
         candle_core::bail!(
             "tensor `{name}`: stored shape {:?}, the config implies [{out}, {inp}]",

@@ -3,6 +3,7 @@
 
 use crate::cache::{KvCache, LayerCache, Segment};
 use crate::decoder::DecoderLayer;
+use crate::embedding::Embeddings;
 use crate::linear::Linear;
 use crate::moe::Routing;
 use crate::mtp::MtpModule;
@@ -17,7 +18,7 @@ use std::path::Path;
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     pub cfg: ModelConfig,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Embeddings,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// [vocab, hidden]; the embedding matrix itself when tied. Quantisable like any projection:
@@ -46,13 +47,11 @@ impl CausalLm {
         let dtype = vb.dtype();
         let device = vb.device().clone();
         let m = vb.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get_with_hints(
-            (cfg.vocab_size, cfg.hidden_size),
-            "weight",
-            candle_nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
+        let embed_tokens = Embeddings::load(
+            m.pp("embed_tokens"),
+            cfg.vocab_size,
+            cfg.hidden_size,
+            &cfg.weights,
         )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(m.pp("layers").pp(i), cfg, i))
@@ -61,7 +60,8 @@ impl CausalLm {
         let quantizing = cfg.weights.quantize.is_some() || cfg.weights.stored.is_some();
         let lm_head = if cfg.tie_word_embeddings && quantizing {
             // Tied but quantised: the head reads the embedding matrix in the quantised form (as
-            // stored in a GGUF file, else quantised now); lookups keep the f32 rows.
+            // stored in a GGUF file, else quantised now); lookups read the same stored blocks, or
+            // the f32 rows when the table is dense.
             Linear::load(
                 m.pp("embed_tokens"),
                 cfg.vocab_size,
@@ -70,7 +70,10 @@ impl CausalLm {
                 &cfg.weights,
             )?
         } else if cfg.tie_word_embeddings {
-            Linear::dense_weight(embed_tokens.clone())
+            let table = embed_tokens
+                .dense()
+                .expect("no file or plan: a dense table");
+            Linear::dense_weight(table.clone())
         } else if vb.contains_tensor("lm_head.weight") || cfg.weights.stored.is_some() {
             Linear::load(
                 vb.pp("lm_head"),
@@ -196,7 +199,7 @@ impl CausalLm {
         let lin = |l: &Linear| l.storage().1;
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let mlp = |m: &crate::mlp::Mlp| lin(&m.gate_proj) + lin(&m.up_proj) + lin(&m.down_proj);
-        let mut total = lin(&self.lm_head) + dense(&self.embed_tokens) / self.cfg.vocab_size;
+        let mut total = lin(&self.lm_head) + self.embed_tokens.row_bytes();
         for layer in &self.layers {
             total += match &layer.attn {
                 Attention::Mla(m) => {
@@ -320,10 +323,8 @@ impl CausalLm {
 
     /// Token embeddings for ids [b, s].
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        self.embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))
+        ids.dims2()?;
+        self.embed_tokens.lookup(ids)
     }
 
     /// Hidden states after the final norm, for ids [b, s] at positions offset..offset+s.

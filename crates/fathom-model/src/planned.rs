@@ -6,6 +6,7 @@
 
 use crate::cache::{KvCache, LayerCache};
 use crate::decoder::{Attention, FeedForward};
+use crate::embedding::Embeddings;
 use crate::linear::{Linear, Weight};
 use crate::mla::QueryProj;
 use crate::mlp::Mlp;
@@ -143,7 +144,10 @@ pub fn describe(model: &CausalLm) -> Result<decode::Model, String> {
     }
     let (cos, sin) = model.rope.tables();
     Ok(decode::Model {
-        embed: DenseF32::new(&model.embed_tokens, "model.embed_tokens")?,
+        embed: match &model.embed_tokens {
+            Embeddings::Dense(t) => Matrix::Dense(DenseF32::new(t, "model.embed_tokens")?),
+            Embeddings::Blocks { table, .. } => Matrix::Quant(table.clone()),
+        },
         layers,
         norm: norm(&model.norm, "model.norm")?,
         lm_head: proj(&model.lm_head, "lm_head")?,

@@ -149,7 +149,11 @@ impl TrainableModel {
             let p = format!("model.layers.{}", cfg.num_hidden_layers + k);
             out.push((
                 format!("{p}.embed_tokens.weight"),
-                self.model.embed_tokens.clone(),
+                self.model
+                    .embed_tokens
+                    .dense()
+                    .expect("a trainable model holds its embeddings dense")
+                    .clone(),
             ));
             out.push((
                 format!("{p}.shared_head.head.weight"),

@@ -122,6 +122,14 @@ impl Matrix {
         }
     }
 
+    /// Row `r` as f32 into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Matrix::Quant(q) => q.dequantize_row(r, out),
+            Matrix::Dense(d) => d.with(|v| out.copy_from_slice(&v[r * d.cols..][..d.cols])),
+        }
+    }
+
     fn row_bytes(&self) -> usize {
         match self {
             Matrix::Quant(q) => q.row_bytes(),
@@ -267,7 +275,8 @@ pub struct RopeTables {
 
 #[derive(Debug)]
 pub struct Model {
-    pub embed: DenseF32,
+    /// [vocab, hidden]: dense, or the file's blocks (one row expanded per step).
+    pub embed: Matrix,
     pub layers: Vec<Layer>,
     pub norm: Norm,
     pub lm_head: Proj,
@@ -582,9 +591,8 @@ impl DecodePlan {
         let s: &Scratch = s;
         let hid = self.hidden;
         // SAFETY: no region runs; x is written here alone.
-        m.embed.with(|e| {
-            unsafe { s.x.part(0..hid) }.copy_from_slice(&e[token as usize * hid..][..hid])
-        });
+        m.embed
+            .row_into(token as usize, unsafe { s.x.part(0..hid) });
         team.run(|mb| self.front(0, pos, mb, s))?;
         let layers = m.layers.len();
         for l in 0..layers {

@@ -257,6 +257,11 @@ impl QMatrix {
     }
 
     /// The whole matrix as f32 [rows, cols].
+    /// Row `r` expanded to f32 into `out` (cols values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize(self.format, self.row(r), out);
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         let dst = SharedOut(out.as_mut_ptr());
