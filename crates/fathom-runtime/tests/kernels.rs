@@ -144,6 +144,16 @@ fn every_kernel_equals_dequantise_then_dot() {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform()).collect();
             let acts = QuantizedActs::quantize(&x, m, cols, format.act_group());
             for &kernel in &kernels {
+                // A planned decode step's share: weight rows n/2..n against activation row 0.
+                let mut part = vec![0f32; n - n / 2];
+                w.dot_rows(kernel, &acts, n / 2..n, &mut part);
+                for (o, got) in (n / 2..n).zip(&part) {
+                    let (want, mag) = reference_dot(format, w.row(o), &acts, 0);
+                    assert!(
+                        (*got as f64 - want).abs() <= 1e-5 * mag.max(1e-12),
+                        "{format} {kernel:?} dot_rows, w row {o}: {got} vs {want}"
+                    );
+                }
                 let mut y = vec![0f32; m * n];
                 w.matmul_acts(kernel, &acts, &mut y);
                 for r in 0..m {

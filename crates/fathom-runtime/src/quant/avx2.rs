@@ -31,10 +31,26 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// The f16 at `p` as f32.
+///
+/// The opaque `asm!` pins the whole register: otherwise LLVM, seeing that only lane 0 counts,
+/// inserts the bits (`vpinsrw`) into whatever register it picks — a false dependency on that
+/// register's last value, which chained a row's blocks one after another (q4_0 decode ran at
+/// half speed). Pinned, it loads with `vmovd`, which depends on nothing.
 #[inline(always)]
 unsafe fn f16(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    let mut v = _mm_cvtsi32_si128(u16::from_le_bytes([*p, *p.add(1)]) as i32);
+    std::arch::asm!("/* {0} */", inout(xmm_reg) v, options(pure, nomem, nostack, preserves_flags));
+    _mm_cvtss_f32(_mm_cvtph_ps(v))
+}
+
+/// The f16 at `p` in all eight f32 lanes (the per-block scale of the 32-weight formats); the
+/// same pin keeps LLVM from turning the splat back into a scalar insert.
+#[inline(always)]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    let mut v = _mm_set1_epi16((p as *const i16).read_unaligned());
+    std::arch::asm!("/* {0} */", inout(xmm_reg) v, options(pure, nomem, nostack, preserves_flags));
+    _mm256_cvtph_ps(v)
 }
 
 /// The per-half integer scales as i16 lanes: low 128 bits for weights 0..16, high for 16..32.
@@ -99,9 +115,9 @@ unsafe fn chunk_acts<const SIGNED: bool>(u: __m256i, chunk: usize, a: &ActRow) -
 /// one vector (long batches on VNNI). The format loops (`dot_blocks`) are written once for both.
 trait Sink {
     type Out;
-    /// acc += dw · dx · Σ u·q over chunk `chunk` (the 32-weight formats: one scale a block);
-    /// `u` signed i8 values when SIGNED, else u8 codes.
-    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize);
+    /// acc += dw · dx · Σ u·q over chunk `chunk` (the 32-weight formats: one scale a block, `dw`
+    /// in every lane); `u` signed i8 values when SIGNED, else u8 codes.
+    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: __m256, chunk: usize);
     /// acc += dx · (c0 · Σq over weights 0..16 + c1 · Σq over 16..32) of chunk `chunk`.
     unsafe fn offset(&mut self, c0: f32, c1: f32, chunk: usize);
     /// Integer accumulation inside a super-block: isum += Σ sc·u·q over the chunk (the
@@ -148,7 +164,7 @@ impl<const R: usize, const VNNI: bool> Sink for Rows<'_, R, VNNI> {
 
     /// VNNI: one `vpdpbusd` (u8 × i8, four products into each i32) instead of maddubs + madd.
     #[inline(always)]
-    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize) {
+    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: __m256, chunk: usize) {
         let au = if SIGNED { _mm256_sign_epi8(u, u) } else { u };
         for r in 0..R {
             let x = chunk_acts::<SIGNED>(u, chunk, &self.acts[r]);
@@ -157,8 +173,8 @@ impl<const R: usize, const VNNI: bool> Sink for Rows<'_, R, VNNI> {
             } else {
                 _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), _mm256_set1_epi16(1))
             };
-            let f = dw * *self.acts[r].d.get_unchecked(chunk);
-            self.acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s), self.acc[r]);
+            let f = _mm256_mul_ps(dw, _mm256_set1_ps(*self.acts[r].d.get_unchecked(chunk)));
+            self.acc[r] = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(s), self.acc[r]);
         }
     }
 
@@ -306,10 +322,9 @@ impl<const NP: usize> Sink for PanelSink<'_, NP> {
     type Out = [[f32; P8]; NP];
 
     #[inline(always)]
-    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: f32, chunk: usize) {
+    unsafe fn mac<const SIGNED: bool>(&mut self, u: __m256i, dw: __m256, chunk: usize) {
         let codes = Self::codes::<SIGNED>(u);
         let s = self.dots::<8>(&codes, 0, chunk);
-        let dw = _mm256_set1_ps(dw);
         for q in 0..NP {
             let mut s = s[q];
             if SIGNED {
@@ -477,6 +492,32 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
     dot_blocks(format, w, Rows::<R, false>::new(acts))
 }
 
+/// out[i] = row i of `w` (rows of `rb` bytes) · `x`, every row in this one call.
+///
+/// # Safety
+/// `supported()`; `x` covers a row's width; `w` holds `out.len()` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_each_row(format: Format, w: &[u8], rb: usize, x: ActRow, out: &mut [f32]) {
+    let acts = [x];
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = w.get_unchecked(i * rb..(i + 1) * rb);
+        *o = dot_blocks(format, row, Rows::<1, false>::new(&acts))[0];
+    }
+}
+
+/// [`dot_each_row`] with the VNNI instructions.
+///
+/// # Safety
+/// `vnni_supported()`; as [`dot_each_row`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_each_row_vnni(format: Format, w: &[u8], rb: usize, x: ActRow, out: &mut [f32]) {
+    let acts = [x];
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = w.get_unchecked(i * rb..(i + 1) * rb);
+        *o = dot_blocks(format, row, Rows::<1, true>::new(&acts))[0];
+    }
+}
+
 /// Whether the CPU has AVX-512 VNNI on 256-bit vectors (and AVX-512 BW/VL, so the compiler
 /// also has 32 vector registers: room for an 8-row tile's accumulators).
 pub fn vnni_supported() -> bool {
@@ -534,7 +575,7 @@ unsafe fn dot_blocks<S: Sink>(format: Format, w: &[u8], mut s: S) -> S::Out {
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let u = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                s.mac::<true>(u, f16(p), bi);
+                s.mac::<true>(u, f16x8(p), bi);
             }
         }
         Format::Q4_0 => {
@@ -544,14 +585,14 @@ unsafe fn dot_blocks<S: Sink>(format: Format, w: &[u8], mut s: S) -> S::Out {
                 // Signed weights q − 8 (as ggml does): no offset term per block, whose scalar
                 // chain cost more than the two sign instructions at one activation row.
                 let u = _mm256_sub_epi8(nibbles16(p.add(2)), eight);
-                s.mac::<true>(u, f16(p), bi);
+                s.mac::<true>(u, f16x8(p), bi);
             }
         }
         Format::Q4_1 => {
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let m = f16(p.add(2));
-                s.mac::<false>(nibbles16(p.add(4)), f16(p), bi);
+                s.mac::<false>(nibbles16(p.add(4)), f16x8(p), bi);
                 s.offset(m, m, bi);
             }
         }
@@ -566,18 +607,18 @@ unsafe fn dot_blocks<S: Sink>(format: Format, w: &[u8], mut s: S) -> S::Out {
                     nibbles16(p.add(6)),
                     _mm256_andnot_si256(fifth_bits(qh), high),
                 );
-                s.mac::<true>(u, f16(p), bi);
+                s.mac::<true>(u, f16x8(p), bi);
             }
         }
         Format::Q5_1 => {
             let fifth = _mm256_set1_epi8(0x10);
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
-                let (d, m) = (f16(p), f16(p.add(2)));
+                let m = f16(p.add(2));
                 let qh = u32::from_le_bytes([*p.add(4), *p.add(5), *p.add(6), *p.add(7)]);
                 let u =
                     _mm256_or_si256(nibbles16(p.add(8)), _mm256_and_si256(fifth_bits(qh), fifth));
-                s.mac::<false>(u, d, bi);
+                s.mac::<false>(u, f16x8(p), bi);
                 s.offset(m, m, bi);
             }
         }
@@ -587,7 +628,7 @@ unsafe fn dot_blocks<S: Sink>(format: Format, w: &[u8], mut s: S) -> S::Out {
             for bi in 0..blocks {
                 let p = p0.add(bi * bb);
                 let u = _mm256_shuffle_epi8(lut, nibbles16(p.add(2)));
-                s.mac::<true>(u, f16(p), bi);
+                s.mac::<true>(u, f16x8(p), bi);
             }
         }
         Format::IQ4XS => {

@@ -152,6 +152,24 @@ impl Kernel {
         }
     }
 
+    /// out[i] = weight row i of `w` (rows of `rb` bytes) · `x`: the whole loop inside one
+    /// call of the kernel (per-row calls and slicing were ~5 % of a decode step).
+    fn dot_each_row(self, f: Format, w: &[u8], rb: usize, x: ActRow, out: &mut [f32]) {
+        debug_assert_eq!(w.len(), rb * out.len());
+        match self {
+            Kernel::Portable => {
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
+                    *o = portable::dot_row(f, row, &[x])[0];
+                }
+            }
+            // SAFETY: the callers checked the CPU features and that x covers a row.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::dot_each_row(f, w, rb, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx2::dot_each_row_vnni(f, w, rb, x, out) },
+        }
+    }
+
     /// One weight row `w` against activation rows r0..r0 + R.
     fn dot_tile<const R: usize>(
         self,
@@ -256,12 +274,12 @@ impl QMatrix {
         &self.bytes.as_slice()[r * rb..(r + 1) * rb]
     }
 
-    /// The whole matrix as f32 [rows, cols].
     /// Row `r` expanded to f32 into `out` (cols values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         dequantize(self.format, self.row(r), out);
     }
 
+    /// The whole matrix as f32 [rows, cols].
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         let dst = SharedOut(out.as_mut_ptr());
@@ -308,9 +326,9 @@ impl QMatrix {
             kernel.supported(),
             "{kernel:?} asked for on a CPU without it"
         );
-        for (o, r) in out.iter_mut().zip(rows) {
-            *o = kernel.dot_tile::<1>(self.format, self.row(r), acts, 0)[0];
-        }
+        let rb = self.row_bytes();
+        let w = &self.bytes.as_slice()[rows.start * rb..rows.end * rb];
+        kernel.dot_each_row(self.format, w, rb, acts.row(0), out);
     }
 
     /// y [m, rows] = x [m, cols] · Wᵀ with the best kernel.
