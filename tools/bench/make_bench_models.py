@@ -33,6 +33,13 @@ V3 = dict(
     tie_word_embeddings=False, attention_bias=False, num_nextn_predict_layers=0,
     bos_token_id=0, eos_token_id=1,
 )
+# The same model with DeepSeek-V3's YaRN context extension (its rope_scaling, factor 4 here: a
+# 4096-token original context stretched to 16384), for decode after a 4096-token prompt.
+V3_YARN = dict(
+    V3, max_position_embeddings=16384,
+    rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=4096,
+                      beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+)
 QWEN2 = dict(
     model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=VOCAB, hidden_size=896,
     intermediate_size=2432, num_hidden_layers=16, num_attention_heads=14, num_key_value_heads=2,
@@ -121,7 +128,7 @@ def build_qwen2_numpy(out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-models"))
-    ap.add_argument("--only", choices=["v3-210m", "qwen2-150m"], default=None)
+    ap.add_argument("--only", choices=["v3-210m", "v3-210m-yarn", "qwen2-150m"], default=None)
     ap.add_argument("--numpy", action="store_true", help="Qwen2 only, without torch/transformers")
     a = ap.parse_args()
     if a.numpy:
@@ -131,6 +138,8 @@ def main():
         return
     if a.only in (None, "v3-210m"):
         build(V3, os.path.join(a.out, "v3-210m"))
+    if a.only in (None, "v3-210m-yarn"):
+        build(V3_YARN, os.path.join(a.out, "v3-210m-yarn"))
     if a.only in (None, "qwen2-150m"):
         build(QWEN2, os.path.join(a.out, "qwen2-150m"))
 

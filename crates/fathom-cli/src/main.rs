@@ -70,9 +70,10 @@ enum Command {
     Quantize {
         #[arg(long)]
         model: Option<PathBuf>,
-        /// q8_0, q6_k, q4_k or q4_0.
-        #[arg(long, value_parser = parse_quant)]
-        to: WeightQuant,
+        /// q8_0, q6_k, q4_k or q4_0; or llama.cpp's mixtures q4_k_m / q5_k_m (q4_K / q5_K, with
+        /// q6_K for lm_head and for the value and down projections of llama.cpp's chosen layers).
+        #[arg(long, value_parser = fathom_model::quantize::QuantTarget::parse)]
+        to: fathom_model::quantize::QuantTarget,
         #[arg(long)]
         out: PathBuf,
     },
@@ -400,7 +401,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_quantize(model: Option<PathBuf>, to: WeightQuant, out: PathBuf) -> Result<()> {
+fn cmd_quantize(
+    model: Option<PathBuf>,
+    to: fathom_model::quantize::QuantTarget,
+    out: PathBuf,
+) -> Result<()> {
     let dir = resolve_model(&model)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -415,7 +420,7 @@ fn cmd_quantize(model: Option<PathBuf>, to: WeightQuant, out: PathBuf) -> Result
     })?;
     bar.finish_and_clear();
     println!(
-        "{} → {} ({}): {} tensors, {} in {} ({} fell back to q8_0: rows not a multiple of the block), {:.1} MB → {:.1} MB in {:.1} s",
+        "{} → {} ({}): {} tensors, {} in {} ({} in another block format: rows not a multiple of the block, or a mixture's q6_K), {:.1} MB → {:.1} MB in {:.1} s",
         dir.display(),
         out.join("model.gguf").display(),
         to.name(),

@@ -3,6 +3,7 @@
 
 mod common;
 use common::fixture;
+use fathom_model::quantize::QuantTarget;
 
 use candle_core::{DType, Device, Tensor};
 use fathom_core::WeightQuant;
@@ -160,19 +161,24 @@ fn quantize_round_trip_writes_the_blocks_loading_would_make() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("q");
         let mut calls = 0;
-        let report =
-            fathom_model::quantize::quantize_checkpoint(&fixture(src), q, &out, |_, _, _| {
-                calls += 1
-            })
-            .unwrap();
+        let report = fathom_model::quantize::quantize_checkpoint(
+            &fixture(src),
+            QuantTarget::Uniform(q),
+            &out,
+            |_, _, _| calls += 1,
+        )
+        .unwrap();
         assert!(calls > report.tensors, "progress reported per tensor");
         assert!(report.quantized > 0);
         assert!(out.join("model.gguf").is_file() && out.join("tokenizer.json").is_file());
         // A written directory refuses to be overwritten.
-        assert!(
-            fathom_model::quantize::quantize_checkpoint(&fixture(src), q, &out, |_, _, _| {})
-                .is_err()
-        );
+        assert!(fathom_model::quantize::quantize_checkpoint(
+            &fixture(src),
+            QuantTarget::Uniform(q),
+            &out,
+            |_, _, _| {}
+        )
+        .is_err());
         let loaded = CausalLm::load(&out, DType::F32, &Device::Cpu).unwrap();
         let direct =
             CausalLm::load_quantized(&fixture(src), DType::F32, &Device::Cpu, Some(q)).unwrap();
@@ -207,5 +213,61 @@ fn quantize_round_trip_writes_the_blocks_loading_would_make() {
         let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a, b, "{src} {q:?}");
         eprintln!("{src} → {}: {report:?}", q.name());
+    }
+}
+
+#[test]
+fn k_quant_mixture_files_load_and_follow_the_choice() {
+    use fathom_model::decoder::Attention;
+    use fathom_model::quantize::{mixture_format, Mixture};
+    let src = fixture("qwen2_tiny");
+    let f32_model = CausalLm::load(&src, DType::F32, &Device::Cpu).unwrap();
+    let reference = logits(&f32_model);
+    let scale = reference.abs().unwrap().mean_all().unwrap();
+    let scale = scale.to_scalar::<f32>().unwrap();
+    let layers = f32_model.cfg.num_hidden_layers;
+    // How a loaded Linear names the block type a file stores (f32 when none fits).
+    let held_as = |f: Option<candle_core::quantized::GgmlDType>| match f {
+        Some(f) => fathom_model::linear::runtime_format(f)
+            .expect("a block type")
+            .name()
+            .to_lowercase(),
+        None => "f32".to_string(),
+    };
+    for mix in [Mixture::Q4KM, Mixture::Q5KM] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("q");
+        let target = QuantTarget::Mixture(mix);
+        let report =
+            fathom_model::quantize::quantize_checkpoint(&src, target, &out, |_, _, _| {}).unwrap();
+        let m = CausalLm::load(&out, DType::F32, &Device::Cpu).unwrap();
+        for (i, layer) in m.layers.iter().enumerate() {
+            let Attention::Gqa(a) = &layer.attn else {
+                panic!("qwen2 attention")
+            };
+            let FeedForward::Dense(mlp) = &layer.ffn else {
+                panic!("qwen2 mlp")
+            };
+            let [q, _, v, _] = a.projections();
+            for (what, lin) in [("self_attn.q_proj", q), ("self_attn.v_proj", v)] {
+                let name = format!("model.layers.{i}.{what}.weight");
+                let cols = f32_model.cfg.hidden_size;
+                let want = held_as(mixture_format(mix, &name, cols, layers));
+                assert_eq!(lin.storage().0, want, "{name} under {mix:?}");
+            }
+            let name = format!("model.layers.{i}.mlp.down_proj.weight");
+            let cols = f32_model.cfg.intermediate_size;
+            let want = held_as(mixture_format(mix, &name, cols, layers));
+            assert_eq!(mlp.down_proj.storage().0, want, "{name} under {mix:?}");
+        }
+        let got = logits(&m);
+        let diff = (&got - &reference).unwrap().abs().unwrap();
+        let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap() / scale;
+        eprintln!(
+            "{}: {report:?}; mean |Δlogit|/mean |logit| {mean:.4}",
+            target.name()
+        );
+        assert!(report.quantized + report.fell_back > 0);
+        assert!(mean < 0.5, "{}: relative logit error {mean}", target.name());
     }
 }
