@@ -3,7 +3,7 @@
 //! 100k-token table stays at its size in the file (memory-mapped) instead of 4 bytes a weight
 //! (DeepSeek-V3's 129280 × 7168 is 3.7 GB in f32).
 
-use crate::linear::stored_matrix;
+use crate::linear::stored_weight;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use fathom_core::WeightPlan;
@@ -24,18 +24,12 @@ impl Embeddings {
     /// `{prefix}.weight` [vocab, hidden]: the file's blocks when the plan reads a file that
     /// stores it block-quantised, else a dense tensor (N(0, 0.02) for fresh variables).
     pub fn load(vb: VarBuilder, vocab: usize, hidden: usize, plan: &WeightPlan) -> Result<Self> {
-        if let Some(stored) = &plan.stored {
-            let name = format!("{}.weight", vb.prefix());
-            let q = stored
-                .quantized(&name)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            if let Some(q) = q {
-                return Ok(Embeddings::Blocks {
-                    table: stored_matrix(&name, q, vocab, hidden)?,
-                    device: vb.device().clone(),
-                    dtype: vb.dtype(),
-                });
-            }
+        if let Some(table) = stored_weight(&vb, plan, vocab, hidden)? {
+            return Ok(Embeddings::Blocks {
+                table,
+                device: vb.device().clone(),
+                dtype: vb.dtype(),
+            });
         }
         let init = candle_nn::Init::Randn {
             mean: 0.0,

@@ -102,6 +102,24 @@ pub fn quantize_weight(w: Tensor, quant: WeightQuant) -> Result<Weight> {
     }
 }
 
+/// `{prefix}.weight` [out, inp] as the file stores it in blocks, when the plan reads a file
+/// that does; `None` otherwise (a float tensor, or no file).
+pub(crate) fn stored_weight(
+    vb: &VarBuilder,
+    plan: &WeightPlan,
+    out: usize,
+    inp: usize,
+) -> Result<Option<QMatrix>> {
+    let Some(stored) = &plan.stored else {
+        return Ok(None);
+    };
+    let name = format!("{}.weight", vb.prefix());
+    let q = stored
+        .quantized(&name)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    q.map(|q| stored_matrix(&name, q, out, inp)).transpose()
+}
+
 /// A file's stored blocks as a runtime matrix of the expected shape, naming the tensor when the
 /// format is unknown or the shape or byte count disagree.
 pub(crate) fn stored_matrix(
@@ -135,17 +153,11 @@ impl Linear {
         } else {
             None
         };
-        if let Some(stored) = &plan.stored {
-            let name = format!("{}.weight", vb.prefix());
-            let q = stored
-                .quantized(&name)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            if let Some(q) = q {
-                return Ok(Linear {
-                    weight: Weight::Quantized(stored_matrix(&name, q, out, inp)?),
-                    bias,
-                });
-            }
+        if let Some(q) = stored_weight(&vb, plan, out, inp)? {
+            return Ok(Linear {
+                weight: Weight::Quantized(q),
+                bias,
+            });
         }
         let w = vb.get_with_hints(
             (out, inp),

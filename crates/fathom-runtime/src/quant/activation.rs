@@ -266,25 +266,44 @@ impl ActPanels {
         self.b16.resize(panels * P * k / 16, 0.0);
         self.b16i.resize(panels * P * k / 16, 0);
         self.b32i.resize(panels * P * k / 32, 0);
-        for p in 0..panels {
-            let qs = &mut self.qs[p * P * k..(p + 1) * P * k];
-            for r in 0..P {
-                let row = acts.row(p * P + r);
-                for (j, four) in row.qs.chunks_exact(4).enumerate() {
-                    qs[(j * P + r) * 4..(j * P + r) * 4 + 4].copy_from_slice(four);
-                }
-                for (g, &d) in row.d.iter().enumerate() {
-                    self.d[(p * k / 32 + g) * P + r] = d;
-                }
-                for (g, &b) in row.bsum.iter().enumerate() {
-                    self.b16[(p * k / 16 + g) * P + r] = b;
-                    self.b16i[(p * k / 16 + g) * P + r] = b as i32;
-                }
-                for (g, pair) in row.bsum.chunks_exact(2).enumerate() {
-                    self.b32i[(p * k / 32 + g) * P + r] = (pair[0] + pair[1]) as i32;
+        // Panels are independent: split over the pool, each writing its own ranges.
+        let out = (
+            SharedOut(self.qs.as_mut_ptr()),
+            SharedOut(self.d.as_mut_ptr()),
+            SharedOut(self.b16.as_mut_ptr()),
+            SharedOut(self.b16i.as_mut_ptr()),
+            SharedOut(self.b32i.as_mut_ptr()),
+        );
+        for_chunks(panels, panels * P * k * 4, |range| {
+            for p in range {
+                // SAFETY: panel p's ranges of the five buffers (sized above) are its own.
+                let (qs, d, b16, b16i, b32i) = unsafe {
+                    (
+                        out.0.slice(p * P * k, P * k),
+                        out.1.slice(p * P * k / 32, P * k / 32),
+                        out.2.slice(p * P * k / 16, P * k / 16),
+                        out.3.slice(p * P * k / 16, P * k / 16),
+                        out.4.slice(p * P * k / 32, P * k / 32),
+                    )
+                };
+                for r in 0..P {
+                    let row = acts.row(p * P + r);
+                    for (j, four) in row.qs.chunks_exact(4).enumerate() {
+                        qs[(j * P + r) * 4..(j * P + r) * 4 + 4].copy_from_slice(four);
+                    }
+                    for (g, &dg) in row.d.iter().enumerate() {
+                        d[g * P + r] = dg;
+                    }
+                    for (g, &b) in row.bsum.iter().enumerate() {
+                        b16[g * P + r] = b;
+                        b16i[g * P + r] = b as i32;
+                    }
+                    for (g, pair) in row.bsum.chunks_exact(2).enumerate() {
+                        b32i[g * P + r] = (pair[0] + pair[1]) as i32;
+                    }
                 }
             }
-        }
+        });
     }
 
     pub fn panel(&self, p: usize) -> Panel<'_> {

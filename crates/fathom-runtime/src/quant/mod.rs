@@ -336,31 +336,15 @@ impl QMatrix {
     /// The quantised activations live in a buffer of the calling thread, kept between calls: a
     /// fresh one per projection cost its page faults again every call (a prefill's are MBs).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * self.rows];
-        ACTS_BUF.with(|cell| {
-            let mut fresh = QuantizedActs::default();
-            let mut guard = cell.try_borrow_mut();
-            let acts = match guard.as_mut() {
-                Ok(b) => &mut **b,
-                Err(_) => &mut fresh,
-            };
-            acts.quantize_into(x, m, self.cols, self.format.act_group());
-            self.matmul_acts(Kernel::best(), acts, &mut y);
-        });
-        y
+        let mut ys = QMatrix::matmul_shared(&[self], x, m);
+        ys.pop().expect("one matrix, one output")
     }
 
     /// yᵢ = x · Wᵢᵀ for several matrices of the same input (q/k/v, gate/up): x is quantised
     /// once per activation group the formats want, not once per matrix.
     pub fn matmul_shared(mats: &[&QMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
-        ACTS_BUF.with(|cell| {
-            let mut fresh = QuantizedActs::default();
-            let mut guard = cell.try_borrow_mut();
-            let acts = match guard.as_mut() {
-                Ok(b) => &mut **b,
-                Err(_) => &mut fresh,
-            };
+        with_scratch(&ACTS_BUF, |acts| {
             let mut done = vec![false; mats.len()];
             for i in 0..mats.len() {
                 if done[i] {
@@ -409,13 +393,7 @@ impl QMatrix {
         // VNNI with eight rows or more: whole panels of eight interleaved rows, the rest in
         // tiles (the buffer is the calling thread's, kept between calls).
         let use_panels = kernel.panels() && m >= PANEL_ROWS;
-        PANEL_BUF.with(|cell| {
-            let mut fresh = ActPanels::default();
-            let mut guard = cell.try_borrow_mut();
-            let panels = match guard.as_mut() {
-                Ok(b) => &mut **b,
-                Err(_) => &mut fresh,
-            };
+        with_scratch(&PANEL_BUF, |panels| {
             if use_panels {
                 panels.build_from(acts);
             } else {
@@ -494,6 +472,18 @@ impl QMatrix {
             r0 += count;
         }
     }
+}
+
+/// `f` on this thread's scratch buffer in `key`, or on a fresh one when the buffer is already
+/// lent out (a product nested inside another on the same thread).
+fn with_scratch<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 thread_local! {
