@@ -279,27 +279,45 @@ struct CausalSoftmaxGrad {
     scale: f64,
 }
 
-fn causal_softmax_rows<T: Float>(x: &[T], s: usize, t: usize, scale: f64, offset: usize) -> Vec<T> {
+fn causal_softmax_rows<T: Float + Send + Sync>(
+    x: &[T],
+    s: usize,
+    t: usize,
+    scale: f64,
+    offset: usize,
+) -> Vec<T> {
     let scale = T::from(scale).unwrap();
     let mut out = vec![T::zero(); x.len()];
-    for (r, (row, o)) in x.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
-        // Row r is query i = r mod s at position offset + i; it sees keys 0..=offset + i.
-        let visible = (offset + r % s + 1).min(t);
-        let max = row[..visible]
-            .iter()
-            .fold(T::neg_infinity(), |m, &v| m.max(v * scale));
-        let mut sum = T::zero();
-        for j in 0..visible {
-            let e = (row[j] * scale - max).exp();
-            o[j] = e;
-            sum = sum + e;
+    // Rows are independent: split over the pool (serial, a long prefill's softmax was ~8 % of it
+    // on one core while the other waited).
+    let dst = fathom_runtime::parallel::SharedOut(out.as_mut_ptr());
+    let rows = x.len() / t.max(1);
+    fathom_runtime::parallel::for_chunks(rows, x.len() * 16, |range| {
+        for r in range {
+            // SAFETY: row r of `out` (sized above) is written by this chunk only.
+            let o = unsafe { dst.slice(r * t, t) };
+            softmax_row(&x[r * t..(r + 1) * t], o, r % s, scale, offset);
         }
-        let inv = T::one() / sum;
-        for v in &mut o[..visible] {
-            *v = *v * inv;
-        }
-    }
+    });
     out
+}
+
+/// One row of [`causal_softmax_rows`]: query i at position offset + i sees keys 0..=offset + i.
+fn softmax_row<T: Float>(row: &[T], o: &mut [T], i: usize, scale: T, offset: usize) {
+    let visible = (offset + i + 1).min(row.len());
+    let max = row[..visible]
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+    let mut sum = T::zero();
+    for j in 0..visible {
+        let e = (row[j] * scale - max).exp();
+        o[j] = e;
+        sum = sum + e;
+    }
+    let inv = T::one() / sum;
+    for v in &mut o[..visible] {
+        *v = *v * inv;
+    }
 }
 
 impl CustomOp1 for CausalSoftmax {
