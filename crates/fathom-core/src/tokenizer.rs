@@ -220,13 +220,12 @@ impl TextTokenizer {
             Some(G::String(m)) => m.clone(),
             _ => return Err(bad("`tokenizer.ggml.model` missing".into())),
         };
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(bad(format!(
-                "tokenizer model {model:?} is not supported from GGUF metadata (only byte-level BPE, \"gpt2\"); put the model's tokenizer.json beside the file"
+                "tokenizer model {model:?} is not supported from GGUF metadata (byte-level BPE \"gpt2\" and SentencePiece \"llama\" are); put the model's tokenizer.json beside the file"
             )));
         }
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match meta.get("tokenizer.ggml.token_type") {
             Some(G::Array(a)) => a
                 .iter()
@@ -234,6 +233,35 @@ impl TextTokenizer {
                 .collect(),
             _ => vec![1; tokens.len()],
         };
+        if model == "llama" {
+            let scores: Vec<f32> = match meta.get("tokenizer.ggml.scores") {
+                Some(G::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                _ => return Err(bad("`tokenizer.ggml.scores` missing (SentencePiece)".into())),
+            };
+            if scores.len() != tokens.len() {
+                return Err(bad(format!(
+                    "`tokenizer.ggml.scores` has {} entries for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                )));
+            }
+            let add_space_prefix = !matches!(
+                meta.get("tokenizer.ggml.add_space_prefix"),
+                Some(G::Bool(false))
+            );
+            let unk = meta
+                .get("tokenizer.ggml.unknown_token_id")
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|i| tokens.get(i as usize).cloned());
+            let spec = sentencepiece_spec(&tokens, &scores, &types, add_space_prefix, unk);
+            let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+                bad(format!(
+                    "cannot build the SentencePiece tokenizer from GGUF metadata: {e}"
+                ))
+            })?;
+            return Self::from_gguf_parts(inner, &tokens, meta, file);
+        }
+        let merges = strings("tokenizer.ggml.merges")?;
         let pre = match meta.get("tokenizer.ggml.pre") {
             Some(G::String(p)) => p.clone(),
             _ => "default".into(),
@@ -303,6 +331,21 @@ impl TextTokenizer {
                 "cannot build the tokenizer from GGUF metadata (pre-tokenizer {pre:?}): {e}"
             ))
         })?;
+        Self::from_gguf_parts(inner, &tokens, meta, file)
+    }
+
+    /// The special ids, chat template and bos rule a GGUF file's metadata gives, around `inner`.
+    fn from_gguf_parts(
+        inner: tokenizers::Tokenizer,
+        tokens: &[String],
+        meta: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+        file: &Path,
+    ) -> Result<Self> {
+        use candle_core::quantized::gguf_file::Value as G;
+        let bad = |msg: String| FathomError::Tokenizer {
+            file: file.to_path_buf(),
+            msg,
+        };
         let id = |key: &str| meta.get(key).and_then(|v| v.to_u32().ok());
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
@@ -452,5 +495,86 @@ pub fn deepseek_tokenizer_config(model_max_length: usize) -> Value {
         "model_max_length": model_max_length,
         "tokenizer_class": "LlamaTokenizerFast",
         "chat_template": DEEPSEEK_R1_CHAT_TEMPLATE,
+    })
+}
+
+/// A Hugging Face `tokenizers` spec for a SentencePiece BPE vocabulary (`tokenizer.ggml.model` =
+/// `llama`), as transformers converts one (LlamaTokenizerFast): "▁" prepended (when the file
+/// says `add_space_prefix`) and spaces replaced by "▁", BPE with byte fallback to the `<0xXX>`
+/// tokens, and merges made from the scores the way transformers' `SentencePieceExtractor` does —
+/// every split of a vocabulary piece into two pieces is a merge, ranked by the merged piece's
+/// score (highest first), ties by the two pieces' ids — which reproduces SentencePiece's (and
+/// llama.cpp's) "merge the best-scoring adjacent pair" loop.
+fn sentencepiece_spec(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[i64],
+    add_space_prefix: bool,
+    unk: Option<String>,
+) -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    let mut ids = std::collections::HashMap::new();
+    let mut added = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        vocab.entry(tok.clone()).or_insert(serde_json::json!(id));
+        ids.entry(tok.as_str()).or_insert(id);
+        // 2 = unknown, 3 = control, 4 = user-defined: matched whole, before BPE.
+        let ty = types.get(id).copied().unwrap_or(1);
+        if ty == 2 || ty == 3 || ty == 4 {
+            added.push(
+                serde_json::json!({"id": id, "content": tok, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": ty != 4}),
+            );
+        }
+    }
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        if types.get(id).copied().unwrap_or(1) != 1 {
+            continue;
+        }
+        for (cut, _) in tok.char_indices().skip(1) {
+            let (l, r) = tok.split_at(cut);
+            if let (Some(&il), Some(&ir)) = (ids.get(l), ids.get(r)) {
+                merges.push((scores[id], il, ir, l, r));
+            }
+        }
+    }
+    // Highest score first; within one score the pieces' ids (a stable order, as transformers).
+    merges.sort_by(|a, b| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+    });
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| serde_json::json!([m.3, m.4]))
+        .collect();
+    let mut normalizers = Vec::new();
+    if add_space_prefix {
+        normalizers.push(serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(
+        serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+    );
+    let mut decoders = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        serde_json::json!({"type": "ByteFallback"}),
+        serde_json::json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
     })
 }
