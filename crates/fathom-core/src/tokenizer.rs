@@ -200,10 +200,7 @@ impl TextTokenizer {
         file: &Path,
     ) -> Result<Self> {
         use candle_core::quantized::gguf_file::Value as G;
-        let bad = |msg: String| FathomError::Tokenizer {
-            file: file.to_path_buf(),
-            msg,
-        };
+        let bad = gguf_error(file);
         let strings = |key: &str| -> Result<Vec<String>> {
             match meta.get(key) {
                 Some(G::Array(a)) => a
@@ -342,10 +339,7 @@ impl TextTokenizer {
         file: &Path,
     ) -> Result<Self> {
         use candle_core::quantized::gguf_file::Value as G;
-        let bad = |msg: String| FathomError::Tokenizer {
-            file: file.to_path_buf(),
-            msg,
-        };
+        let bad = gguf_error(file);
         let id = |key: &str| meta.get(key).and_then(|v| v.to_u32().ok());
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
@@ -496,6 +490,14 @@ pub fn deepseek_tokenizer_config(model_max_length: usize) -> Value {
         "tokenizer_class": "LlamaTokenizerFast",
         "chat_template": DEEPSEEK_R1_CHAT_TEMPLATE,
     })
+}
+
+/// The error for a GGUF file's tokenizer metadata, naming the file.
+fn gguf_error(file: &Path) -> impl Fn(String) -> FathomError + '_ {
+    move |msg| FathomError::Tokenizer {
+        file: file.to_path_buf(),
+        msg,
+    }
 }
 
 /// A Hugging Face `tokenizers` spec for a SentencePiece BPE vocabulary (`tokenizer.ggml.model` =

@@ -35,6 +35,16 @@ pub fn dequantize_from_rows(format: Format) -> usize {
     }
 }
 
+/// A host product y [rows, out] (row-major f32) as a tensor shaped like x [.., in] with its
+/// last dimension `out`, on x's device in x's dtype.
+fn host_output(y: Vec<f32>, x: &Tensor, out: usize) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = out;
+    Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())
+}
+
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
@@ -122,12 +132,7 @@ pub(crate) fn stored_weight(
 
 /// A file's stored blocks as a runtime matrix of the expected shape, naming the tensor when the
 /// format is unknown or the shape or byte count disagree.
-pub(crate) fn stored_matrix(
-    name: &str,
-    b: StoredBlocks,
-    out: usize,
-    inp: usize,
-) -> Result<QMatrix> {
+fn stored_matrix(name: &str, b: StoredBlocks, out: usize, inp: usize) -> Result<QMatrix> {
     if b.dims != [out, inp] {
         candle_core::bail!(
             "tensor `{name}`: stored shape {:?}, the config implies [{out}, {inp}]",
@@ -203,12 +208,7 @@ impl Linear {
             return linear(x, &w.to_dtype(x.dtype())?, None);
         }
         let host: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = q.matmul(&host, rows);
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = q.rows();
-        Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?
-            .to_device(x.device())?
-            .to_dtype(x.dtype())
+        host_output(q.matmul(&host, rows), x, q.rows())
     }
 
     /// The projections `layers` of one input x, as [`Linear::forward`] each: where two or more
@@ -224,9 +224,9 @@ impl Linear {
         let shared: Vec<&QMatrix> = layers
             .iter()
             .filter(|l| on_blocks(l))
-            .map(|l| match &l.weight {
-                Weight::Quantized(q) => q,
-                Weight::Dense(_) => unreachable!("filtered"),
+            .filter_map(|l| match &l.weight {
+                Weight::Quantized(q) => Some(q),
+                Weight::Dense(_) => None,
             })
             .collect();
         if shared.len() < 2 {
@@ -240,12 +240,8 @@ impl Linear {
                 if !on_blocks(l) {
                     return l.forward(x);
                 }
-                let y = ys.next().expect("one output per shared matrix");
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank ≥ 1") = y.len() / rows;
-                let y = Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?
-                    .to_device(x.device())?
-                    .to_dtype(x.dtype())?;
+                let out = l.out_features();
+                let y = host_output(ys.next().expect("one output per shared matrix"), x, out)?;
                 match &l.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

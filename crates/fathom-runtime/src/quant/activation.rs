@@ -220,7 +220,7 @@ impl QuantizedActs {
     }
 }
 
-/// Activation rows regrouped eight at a time for the panel kernel (`avx2::dot_panel`): within a
+/// Activation rows regrouped eight at a time for the panel kernel (`avx2::dot_panels`): within a
 /// panel the eight rows' int8 values are interleaved four at a time — one 32-byte vector holds
 /// values 4j..4j+4 of all eight rows — so `vpdpbusd` of a broadcast four-weight group against it
 /// leaves the eight rows' sums in the eight i32 lanes, with no reduction across lanes. The

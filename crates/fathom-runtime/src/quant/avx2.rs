@@ -498,10 +498,21 @@ pub unsafe fn dot_row<const R: usize>(format: Format, w: &[u8], acts: &[ActRow; 
 /// `supported()`; `x` covers a row's width; `w` holds `out.len()` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_each_row(format: Format, w: &[u8], rb: usize, x: ActRow, out: &mut [f32]) {
+    each_row::<false>(format, w, rb, x, out)
+}
+
+#[inline(always)]
+unsafe fn each_row<const VNNI: bool>(
+    format: Format,
+    w: &[u8],
+    rb: usize,
+    x: ActRow,
+    out: &mut [f32],
+) {
     let acts = [x];
     for (i, o) in out.iter_mut().enumerate() {
         let row = w.get_unchecked(i * rb..(i + 1) * rb);
-        *o = dot_blocks(format, row, Rows::<1, false>::new(&acts))[0];
+        *o = dot_blocks(format, row, Rows::<1, VNNI>::new(&acts))[0];
     }
 }
 
@@ -511,11 +522,7 @@ pub unsafe fn dot_each_row(format: Format, w: &[u8], rb: usize, x: ActRow, out: 
 /// `vnni_supported()`; as [`dot_each_row`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_each_row_vnni(format: Format, w: &[u8], rb: usize, x: ActRow, out: &mut [f32]) {
-    let acts = [x];
-    for (i, o) in out.iter_mut().enumerate() {
-        let row = w.get_unchecked(i * rb..(i + 1) * rb);
-        *o = dot_blocks(format, row, Rows::<1, true>::new(&acts))[0];
-    }
+    each_row::<true>(format, w, rb, x, out)
 }
 
 /// Whether the CPU has AVX-512 VNNI on 256-bit vectors (and AVX-512 BW/VL, so the compiler
