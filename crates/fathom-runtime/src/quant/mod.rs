@@ -86,7 +86,9 @@ pub enum Kernel {
 impl Kernel {
     /// The fastest kernel this CPU runs, chosen at run time.
     pub fn best() -> Kernel {
-        *Kernel::available().last().expect("the portable kernel")
+        // Asked per product: detected once, not a fresh list each call.
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Kernel::available().last().expect("the portable kernel"))
     }
 
     /// Every kernel this CPU runs, slowest (the portable reference) first.
